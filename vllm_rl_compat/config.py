@@ -1,0 +1,132 @@
+"""The ``rl_compat`` options: one table, one parser, one place to read them.
+
+Users configure RL mode through vLLM's free-form ``additional_config``
+(``LLM(additional_config={"rl_compat": {...}})`` or
+``--additional-config '{"rl_compat": {...}}'``). vLLM does not validate that
+dict, so this module does: unknown keys, wrong types and bad values raise one
+``ValueError`` naming the key, the value and what is accepted, before any
+engine setting is touched. The dataclass fields (``OPTIONS``) are the single source of the
+README's configuration reference (a test checks they agree).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import Field, dataclass, field, fields
+from typing import Any, Mapping
+
+CONFIG_KEY = "rl_compat"
+
+FP32_HEAD_MODES = ("compute", "weights", "off")
+FP32_HEAD_IMPLS = ("auto", "triton", "torch")
+
+
+def _opt(default: Any, help: str, choices: tuple[Any, ...] | None = None) -> Any:
+    """A dataclass field carrying its documentation (the README table's source)."""
+    return field(default=default, metadata={"help": help, "choices": choices})
+
+
+@dataclass(frozen=True)
+class RLCompatConfig:
+    """Validated RL-mode options (defaults: all four fixes on)."""
+
+    strict: bool = _opt(
+        False, "Raise instead of overriding when you explicitly set an engine "
+        "argument that RL mode changes.")
+    processed_logprobs: bool = _opt(
+        True, "Fix 1: `logprobs_mode=processed_logprobs`, the logprobs of the "
+        "distribution the sampler drew from (after temperature, top-k, top-p).")
+    disable_prefix_caching: bool = _opt(
+        True, "Fix 2: prefix caching off, so no request reuses KV computed "
+        "before a weight update.")
+    disable_async_scheduling: bool = _opt(
+        True, "Fix 2: async scheduling off, so weight updates land at a step "
+        "boundary.")
+    weight_sync: bool = _opt(
+        True, "Fix 3: install the worker extension that loads weights at a "
+        "pause boundary (`vllm_rl_compat.worker_extension.WeightSyncExtension`).")
+    fp32_head: str = _opt(
+        "compute", "Fix 4: lm_head in fp32. `compute`: fp32 logits from "
+        "model-dtype weights, no fp32 weight copy; `weights`: the head weight "
+        "is held in fp32; `off`: model-dtype head.", FP32_HEAD_MODES)
+    fp32_head_impl: str = _opt(
+        "auto", "Projection implementation: `auto` (Triton kernel on CUDA, "
+        "torch elsewhere), `triton`, `torch`.", FP32_HEAD_IMPLS)
+    weight_version_start: int = _opt(
+        0, "Weight version reported before the first update; each successful "
+        "update adds one.")
+
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any] | None) -> "RLCompatConfig":
+        """Validate ``raw`` completely, then build the config (all or nothing)."""
+        if raw is None:
+            return cls()
+        if not isinstance(raw, Mapping):
+            raise ValueError(
+                f"additional_config[{CONFIG_KEY!r}] must be a dict of options, "
+                f"got {type(raw).__name__}: {raw!r}"
+            )
+        return cls(**{key: _validate(key, value) for key, value in raw.items()})
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+# Annotations are strings under `from __future__ import annotations`.
+_TYPES = {"bool": bool, "int": int, "str": str}
+OPTIONS: dict[str, Field] = {f.name: f for f in fields(RLCompatConfig)}
+
+
+def _validate(key: str, value: Any) -> Any:
+    opt = OPTIONS.get(key)
+    if opt is None:
+        raise ValueError(
+            f"Unknown option {CONFIG_KEY}.{key}={value!r}; accepted options: "
+            f"{', '.join(OPTIONS)}."
+        )
+    # bool is a subclass of int: reject True for an int option explicitly.
+    kind = _TYPES[opt.type]
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise ValueError(
+            f"Option {CONFIG_KEY}.{key} must be of type {kind.__name__}, "
+            f"got {type(value).__name__}: {value!r}."
+        )
+    choices = opt.metadata["choices"]
+    if choices is not None and value not in choices:
+        raise ValueError(
+            f"Option {CONFIG_KEY}.{key}={value!r} is not valid; accepted values: "
+            f"{', '.join(map(repr, choices))}."
+        )
+    return value
+
+
+def rl_config_from_additional(additional_config: Any) -> RLCompatConfig:
+    """Read the options from a ``VllmConfig.additional_config`` (or EngineArgs')."""
+    raw = None
+    if isinstance(additional_config, Mapping):
+        raw = additional_config.get(CONFIG_KEY)
+    return RLCompatConfig.from_dict(raw)
+
+
+def current_rl_config() -> RLCompatConfig:
+    """Options of the engine being built in this process (workers, engine core).
+
+    Reads ``get_current_vllm_config()``, which vLLM sets while it constructs the
+    model and workers.
+    """
+    from vllm.config import get_current_vllm_config
+
+    return rl_config_from_additional(get_current_vllm_config().additional_config)
+
+
+def options_markdown() -> str:
+    """The README's configuration table, generated from the dataclass fields."""
+    rows = ["| option | type | default | accepted | what it does |",
+            "|---|---|---|---|---|"]
+    for opt in OPTIONS.values():
+        choices = opt.metadata["choices"]
+        accepted = ", ".join(f"`{c}`" for c in choices) if choices else opt.type
+        default = json.dumps(opt.default)
+        rows.append(f"| `{opt.name}` | {opt.type} | `{default}` | {accepted} "
+                    f"| {opt.metadata['help']} |")
+    return "\n".join(rows)

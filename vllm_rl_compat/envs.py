@@ -1,0 +1,77 @@
+"""Environment variables read by vllm-rl-compat, in one documented table.
+
+Modelled on ``vllm/envs.py``: every variable the package reads is listed in
+``environment_variables`` with a getter and a one-line description, so the
+README table and the ``info`` command cannot drift from the code. Values are
+read lazily (attribute access), because vLLM loads the plugin in processes
+whose environment the user may have changed after import.
+
+Ray workers: vLLM copies every variable whose name starts with ``VLLM_`` to
+its Ray actors (``vllm.ray.ray_env.get_env_vars_to_copy``), so all variables
+below reach workers on other nodes unless listed in Ray's non-carry-over file.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+SWITCH = "VLLM_RL_COMPAT"
+SWITCH_VALUES = ("0", "1")
+
+
+def _switch() -> bool:
+    """Return whether RL mode is on; any value but unset/0/1 is an error."""
+    raw = os.environ.get(SWITCH, "0").strip()
+    if raw == "":
+        raw = "0"
+    if raw not in SWITCH_VALUES:
+        raise ValueError(
+            f"{SWITCH}={raw!r} is not valid: accepted values are "
+            f"'0' (off, the default) and '1' (RL mode on)."
+        )
+    return raw == "1"
+
+
+def _cache_dir() -> Path:
+    default = Path.home() / ".cache" / "vllm-rl-compat"
+    return Path(os.environ.get("VLLM_RL_COMPAT_CACHE", default)).expanduser()
+
+
+def _flag(name: str) -> Callable[[], bool]:
+    return lambda: os.environ.get(name, "0").strip() == "1"
+
+
+# name -> (getter, description). The README table is checked against this.
+environment_variables: dict[str, tuple[Callable[[], Any], str]] = {
+    SWITCH: (
+        _switch,
+        "`1` turns RL mode on in every vLLM process; unset or `0` leaves vLLM "
+        "untouched; any other value fails start-up.",
+    ),
+    "VLLM_RL_COMPAT_CACHE": (
+        _cache_dir,
+        "Cache directory for converted and generated models "
+        "(default `~/.cache/vllm-rl-compat`).",
+    ),
+    "VLLM_RL_COMPAT_AUTOTUNE": (
+        _flag("VLLM_RL_COMPAT_AUTOTUNE"),
+        "`1` autotunes the Triton fp32 projection kernel instead of using its "
+        "fixed launch configuration.",
+    ),
+}
+
+VLLM_RL_COMPAT: bool
+VLLM_RL_COMPAT_CACHE: Path
+VLLM_RL_COMPAT_AUTOTUNE: bool
+
+
+def __getattr__(name: str) -> Any:
+    if name in environment_variables:
+        return environment_variables[name][0]()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return list(environment_variables)

@@ -1,0 +1,28 @@
+"""The vLLM general plugin: one switch, ``VLLM_RL_COMPAT=1``, turns RL mode on.
+
+vLLM calls ``register()`` once in every process it starts (front end, engine
+core, each worker). The environment gate is the first statement, so with the
+switch off nothing is imported or patched and vLLM runs exactly as without
+the package. With it on, each capability installs itself; ``_register_once``
+is cached so that repeated calls in one process are no-ops by construction.
+"""
+
+from __future__ import annotations
+
+import functools
+
+from vllm_rl_compat import envs
+
+
+def register() -> None:
+    """Entry point of ``vllm.general_plugins`` (``rl_compat``)."""
+    if not envs.VLLM_RL_COMPAT:
+        return
+    _register_once()
+
+
+@functools.lru_cache(maxsize=None)
+def _register_once() -> None:
+    from vllm_rl_compat import engine_settings
+
+    engine_settings.install()
