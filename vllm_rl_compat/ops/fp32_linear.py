@@ -1,0 +1,85 @@
+"""``fp32_linear``: fp32 logits from a 16-bit or fp32 projection, exactly.
+
+Why: RL importance ratios compare sampler and trainer log-probs, so the
+LM-head projection must give the same fp32 logits a trainer computes in fp32,
+up to fp32 accumulation error, not bf16-rounded logits.  This is the public
+entry point; it validates arguments and dispatches to the Triton kernel
+(``fp32_linear_triton``) or the chunked pure-torch path (``fp32_linear_torch``).
+
+Accepted layouts: ``x`` and ``weight`` may have any strides, including
+row-strided views such as ``W[::2]`` or a column slice of a wider matrix;
+nothing is copied by this wrapper.  Unit stride along H (``stride(1) == 1``)
+is what the kernel is tuned for (coalesced loads); other layouts are correct
+but slower.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .fp32_linear_torch import fp32_linear_torch
+from .fp32_linear_triton import SUPPORTED_DTYPES, interpreting
+
+IMPLS = ("auto", "triton", "torch")
+
+
+def _check_dtype(name: str, t: torch.Tensor) -> None:
+    if t.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"fp32_linear: {name} has unsupported dtype {t.dtype}; "
+                        f"expected one of bfloat16, float16, float32")
+
+
+def _validate(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+              impl: str) -> None:
+    """Raise a ValueError/TypeError naming the offending argument."""
+    if impl not in IMPLS:
+        raise ValueError(f"fp32_linear: impl must be one of {IMPLS}, got {impl!r}")
+    for name, t in (("x", x), ("weight", weight), ("bias", bias)):
+        if t is not None and not isinstance(t, torch.Tensor):
+            raise TypeError(f"fp32_linear: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if x.dim() != 2:
+        raise ValueError(f"fp32_linear: x must be 2-D [T, H], got shape {tuple(x.shape)}")
+    if weight.dim() != 2:
+        raise ValueError(f"fp32_linear: weight must be 2-D [V, H], got shape {tuple(weight.shape)}")
+    _check_dtype("x", x)
+    _check_dtype("weight", weight)
+    if x.shape[1] != weight.shape[1]:
+        raise ValueError(f"fp32_linear: hidden size mismatch: x has H={x.shape[1]} but weight "
+                         f"has H={weight.shape[1]} (weight must be [V, H])")
+    if weight.device != x.device:
+        raise ValueError(f"fp32_linear: weight is on {weight.device} but x is on {x.device}")
+    if bias is not None:
+        _check_dtype("bias", bias)
+        if bias.dim() != 1 or bias.shape[0] != weight.shape[0]:
+            raise ValueError(f"fp32_linear: bias must have shape [V]=[{weight.shape[0]}], "
+                             f"got {tuple(bias.shape)}")
+        if bias.device != x.device:
+            raise ValueError(f"fp32_linear: bias is on {bias.device} but x is on {x.device}")
+
+
+def resolve_impl(impl: str, device: torch.device) -> str:
+    """``auto`` means Triton on CUDA tensors and torch everywhere else."""
+    if impl == "auto":
+        return "triton" if device.type == "cuda" else "torch"
+    if impl == "triton" and device.type != "cuda" and not interpreting():
+        raise ValueError(f"fp32_linear: impl='triton' needs CUDA tensors (x is on {device}) "
+                         f"or TRITON_INTERPRET=1 for the CPU interpreter")
+    return impl
+
+
+def fp32_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                *, impl: str = "auto") -> torch.Tensor:
+    """Return fp32 ``x @ weight.T (+ bias)`` of shape ``[T, V]``.
+
+    ``x``: ``[T, H]``; ``weight``: ``[V, H]``; ``bias``: ``[V]`` or None; each
+    bf16, fp16 or fp32 (mixed dtypes allowed).  The result is the exact
+    product sum rounded only by fp32 accumulation: |err| <= ~H * 2**-24 *
+    (|x| @ |w|.T + |b|) elementwise, in practice far less.  The output is a new
+    contiguous fp32 tensor; inputs are never modified or copied whole.
+    ``impl``: "auto" (Triton on CUDA, torch elsewhere), "triton" or "torch".
+    """
+    _validate(x, weight, bias, impl)
+    if resolve_impl(impl, x.device) == "triton":
+        from .fp32_linear_triton import fp32_linear_triton
+        return fp32_linear_triton(x, weight, bias)
+    return fp32_linear_torch(x, weight, bias)

@@ -1,0 +1,99 @@
+"""Pure-torch fp32 projection: reference and fallback for ``fp32_linear``.
+
+Why: vLLM's CPU fallback for fp32 logits is ``F.linear(x.float(), W.float())``,
+which materialises a full fp32 copy of the (vocab x hidden) weight on every
+call (2.2 GB for a 152k x 3584 head).  Here the weight is upcast in chunks of
+vocabulary rows, each written into a preallocated fp32 output, so the
+transient memory is ``chunk_rows * H * 4`` bytes (+ one fp32 copy of ``x`` and
+one ``T x chunk_rows`` result block).
+
+Precision: every path computes in fp32 from exactly-upcast operands, so the
+result carries only fp32 rounding (for 16-bit x 16-bit operands the products
+are exact and only the accumulation rounds).
+
+* CUDA, same-dtype 16-bit operands: ``torch.mm(..., out_dtype=torch.float32)``
+  (fp32 accumulation and output, no copy of W at all).
+* CPU, bf16 x bf16 (``bf16_fast_path=True``): the fp32 chunks hold bf16 values,
+  so letting oneDNN run the fp32 matmul with ``fp32_precision="bf16"`` is exact
+  (converting them back to bf16 loses nothing, and oneDNN's bf16 kernels
+  accumulate in fp32); tests verify this against fp64.  Never used when either
+  operand has bits below bf16 precision.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+
+DEFAULT_CHUNK_ROWS = 4096
+_HALF = (torch.bfloat16, torch.float16)
+
+
+@contextlib.contextmanager
+def mkldnn_fp32_precision(precision: str) -> Iterator[None]:
+    """Temporarily set ``torch.backends.mkldnn.matmul.fp32_precision``.
+
+    The setting is process-global; keep the scope tight and restore it even on
+    error so unrelated fp32 matmuls never run with reduced precision.
+    """
+    backend = torch.backends.mkldnn.matmul
+    previous = backend.fp32_precision
+    backend.fp32_precision = precision
+    try:
+        yield
+    finally:
+        backend.fp32_precision = previous
+
+
+def _use_cuda_out_dtype_mm(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """CUDA + identical 16-bit dtypes: cuBLAS can emit fp32 output directly."""
+    return x.is_cuda and x.dtype == weight.dtype and x.dtype in _HALF
+
+
+def _use_bf16_fast_path(x: torch.Tensor, weight: torch.Tensor, enabled: bool) -> bool:
+    """CPU bf16 x bf16 only: fp32 values holding bf16 numbers round-trip exactly."""
+    return (enabled and x.device.type == "cpu" and x.dtype == torch.bfloat16
+            and weight.dtype == torch.bfloat16 and torch.backends.mkldnn.is_available())
+
+
+def _chunked_fp32_mm(x32: torch.Tensor, weight: torch.Tensor, out: torch.Tensor,
+                     chunk_rows: int) -> None:
+    """out[:, v0:v1] = x32 @ fp32(weight[v0:v1]).T, chunk by chunk.
+
+    Transient memory: one fp32 weight chunk (chunk_rows x H) and one
+    T x chunk_rows product block before it is copied into ``out``.
+    """
+    V = weight.shape[0]
+    for v0 in range(0, V, chunk_rows):
+        v1 = min(v0 + chunk_rows, V)
+        out[:, v0:v1] = torch.mm(x32, weight[v0:v1].to(torch.float32).t())
+
+
+def fp32_linear_torch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                      *, chunk_rows: int = DEFAULT_CHUNK_ROWS,
+                      bf16_fast_path: bool = True) -> torch.Tensor:
+    """fp32 logits ``x @ weight.T + bias`` without a full fp32 copy of ``weight``.
+
+    Arguments must already be validated by ``fp32_linear``; any strides are
+    accepted (slicing rows of a strided view never copies more than a chunk).
+    ``bf16_fast_path=False`` forces plain IEEE fp32 matmuls on CPU.
+    """
+    if chunk_rows < 1:
+        raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
+    T, V = x.shape[0], weight.shape[0]
+    if _use_cuda_out_dtype_mm(x, weight):
+        out = torch.mm(x, weight.t(), out_dtype=torch.float32)
+        return out if bias is None else out.add_(bias.to(torch.float32))
+    out = torch.empty((T, V), dtype=torch.float32, device=x.device)
+    if T == 0 or V == 0:
+        return out
+    x32 = x.to(torch.float32)
+    if _use_bf16_fast_path(x, weight, bf16_fast_path):
+        with mkldnn_fp32_precision("bf16"):
+            _chunked_fp32_mm(x32, weight, out, chunk_rows)
+    else:
+        _chunked_fp32_mm(x32, weight, out, chunk_rows)
+    # Bias is added outside the reduced-precision scope: it may be genuine fp32.
+    return out if bias is None else out.add_(bias.to(torch.float32))
