@@ -1,0 +1,130 @@
+"""Switch, options and settings enforcement without starting an engine.
+
+These run vLLM's real ``EngineArgs`` through the real plugin; they stop
+before an engine starts because the errors they check come first.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+
+from conftest import ENGINE_KWARGS, run_engine_subprocess
+from vllm_rl_compat import envs, plugin
+from vllm_rl_compat.config import RLCompatConfig, options_markdown
+
+README = (Path(__file__).parents[1] / "README.md").read_text()
+
+
+@pytest.mark.parametrize("raw,needle", [
+    ({"fp32_heads": "compute"}, "Unknown option rl_compat.fp32_heads='compute'"),
+    ({"strict": "yes"}, "rl_compat.strict must be of type bool, got str: 'yes'"),
+    ({"weight_version_start": 1.5}, "rl_compat.weight_version_start must be of type int"),
+    ({"weight_version_start": True}, "rl_compat.weight_version_start must be of type int"),
+    ({"fp32_head": "fp16"}, "rl_compat.fp32_head='fp16' is not valid; accepted values: "
+                            "'compute', 'weights', 'off'"),
+    ([("strict", True)], "additional_config['rl_compat'] must be a dict"),
+])
+def test_bad_options_name_key_and_value(raw, needle) -> None:
+    with pytest.raises(ValueError) as err:
+        RLCompatConfig.from_dict(raw)
+    assert needle in str(err.value)
+
+
+def test_defaults_turn_every_fix_on() -> None:
+    cfg = RLCompatConfig.from_dict({})
+    assert (cfg.processed_logprobs, cfg.disable_prefix_caching, cfg.disable_async_scheduling,
+            cfg.weight_sync, cfg.fp32_head) == (True, True, True, True, "compute")
+
+
+def test_readme_documents_every_option_and_variable() -> None:
+    assert options_markdown() in README
+    for name in envs.environment_variables:
+        assert f"`{name}`" in README
+
+
+@pytest.mark.parametrize("value", ["yes", "2", "true"])
+def test_bad_switch_value_fails_register(monkeypatch, value) -> None:
+    monkeypatch.setenv("VLLM_RL_COMPAT", value)
+    with pytest.raises(ValueError, match=f"VLLM_RL_COMPAT='{value}' is not valid: accepted "
+                                         "values are '0'"):
+        plugin.register()
+
+
+@pytest.mark.engine
+def test_bad_switch_value_fails_engine_start(tiny_model) -> None:
+    request = {"model": tiny_model("llama-untied"), "engine_kwargs": ENGINE_KWARGS}
+    with pytest.raises(AssertionError, match="VLLM_RL_COMPAT='on' is not valid"):
+        run_engine_subprocess(request, {"VLLM_RL_COMPAT": "on"})
+
+
+def _args(tiny_model, **kwargs):
+    from vllm.engine.arg_utils import EngineArgs
+
+    return EngineArgs(model=tiny_model("llama-untied"), **{**ENGINE_KWARGS, **kwargs})
+
+
+def _create_fails(args, match: str) -> None:
+    """``create_engine_config`` raises and leaves every argument as it was."""
+    before = copy.deepcopy(vars(args))
+    with pytest.raises(ValueError, match=match):
+        args.create_engine_config()
+    assert vars(args) == before
+
+
+def test_unknown_option_fails_before_any_change(tiny_model) -> None:
+    args = _args(tiny_model, additional_config={"rl_compat": {"fp32": True}})
+    _create_fails(args, r"Unknown option rl_compat\.fp32=True; accepted options: strict")
+
+
+def test_strict_rejects_explicit_conflicts(tiny_model) -> None:
+    args = _args(tiny_model, logprobs_mode="raw_logits", enable_prefix_caching=True,
+                 additional_config={"rl_compat": {"strict": True}})
+    _create_fails(args, r"logprobs_mode='raw_logits' was set explicitly, but RL mode "
+                        r"\(rl_compat\.processed_logprobs=true\) uses "
+                        r"logprobs_mode='processed_logprobs'; enable_prefix_caching=True")
+
+
+def test_strict_through_llm_front_end(tiny_model) -> None:
+    from vllm import LLM
+
+    with pytest.raises(ValueError, match="enable_prefix_caching=True was set explicitly"):
+        LLM(model=tiny_model("llama-untied"), logprobs_mode="raw_logprobs",
+            enable_prefix_caching=True, additional_config={"rl_compat": {"strict": True}},
+            **ENGINE_KWARGS)
+
+
+def test_foreign_worker_extension_is_rejected(tiny_model) -> None:
+    args = _args(tiny_model, worker_extension_cls="collections.OrderedDict")
+    _create_fails(args, r"worker_extension_cls='collections\.OrderedDict' does not include "
+                        r"the RL weight-sync extension")
+
+
+def test_switched_off_fix_leaves_setting_alone(tiny_model) -> None:
+    args = _args(tiny_model, enable_prefix_caching=True,
+                 additional_config={"rl_compat": {"disable_prefix_caching": False,
+                                                  "processed_logprobs": False}})
+    config = args.create_engine_config()
+    assert config.cache_config.enable_prefix_caching is True
+    assert config.model_config.logprobs_mode == "raw_logprobs"
+    assert config.scheduler_config.async_scheduling is False
+
+
+def test_switch_reaches_ray_workers(monkeypatch) -> None:
+    """vLLM copies VLLM_* variables to its Ray actors; ours must be among them."""
+    from vllm.ray.ray_env import get_env_vars_to_copy
+
+    monkeypatch.setenv("VLLM_RL_COMPAT", "1")
+    assert "VLLM_RL_COMPAT" in get_env_vars_to_copy(destination="test")
+
+
+def test_info_command(capsys) -> None:
+    from vllm_rl_compat import cli
+
+    assert cli.main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert "plugin: discovered (entry point vllm.general_plugins:rl_compat)" in out
+    assert "switch VLLM_RL_COMPAT: on (RL mode)" in out
+    assert "logprobs_mode = 'processed_logprobs'" in out

@@ -1,0 +1,202 @@
+"""RL mode through the three front ends (offline LLM, AsyncLLM, vllm serve).
+
+Each front end is started for real on the CPU with the switch on and off;
+the tests check the effective settings on the final VllmConfig and that the
+logprobs returned at T != 1 are the processed ones, i.e. equal
+``log_softmax(logits / T)`` of the engine's own logits (``logprob_checks``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from typing import Any, Iterator
+
+import pytest
+
+import engine_runner
+from conftest import ENGINE_KWARGS, run_engine_subprocess
+from logprob_checks import expected_logprobs, max_abs_diff, raw_rows
+
+pytestmark = pytest.mark.engine
+
+T = 0.7
+PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, a fox"]
+SAMPLING = {"temperature": T, "max_tokens": 8, "logprobs": 0, "seed": 1234}
+# Same engine, prefill (reference) vs decode (sampling) in bf16: measured
+# differences stay below 0.02; processed and raw logprobs differ by far more.
+TOL = 0.05
+USER_ARGS = {"logprobs_mode": "raw_logprobs", "enable_prefix_caching": True}
+STOCK = {"logprobs_mode": "raw_logprobs", "enable_prefix_caching": True,
+         "worker_extension_cls": ""}
+RL = {"logprobs_mode": "processed_logprobs", "enable_prefix_caching": False,
+      "async_scheduling": False,
+      "worker_extension_cls": "vllm_rl_compat.worker_extension.WeightSyncExtension"}
+
+
+class _Records(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+@pytest.fixture(scope="module")
+def model(tiny_model) -> str:
+    return tiny_model("llama-untied")
+
+
+@pytest.fixture(scope="module")
+def rl_run(llm_factory, model) -> dict[str, Any]:
+    """An RL-mode LLM built with the user asking for raw logprobs and prefix caching."""
+    handler = _Records()
+    logger = logging.getLogger("vllm.rl_compat")
+    logger.addHandler(handler)
+    try:
+        llm = llm_factory(model, max_logprobs=-1, **USER_ARGS)
+    finally:
+        logger.removeHandler(handler)
+    from vllm import SamplingParams
+
+    outputs = llm.generate(PROMPTS, SamplingParams(**SAMPLING), use_tqdm=False)
+    return {"llm": llm, "log": handler.messages,
+            "result": engine_runner.summarize(llm.llm_engine.vllm_config, outputs)}
+
+
+def assert_settings(settings: dict, want: dict) -> None:
+    got = {key: settings[key] for key in want}
+    assert got == want
+
+
+def assert_logprobs(llm: Any, outputs: list[dict], kind: str) -> None:
+    """Every sampled logprob equals the ``kind`` reference and not the other one."""
+    other = {"raw": "processed", "processed": "raw"}[kind]
+    for out in outputs:
+        assert len(out["token_ids"]) == SAMPLING["max_tokens"]
+        want = expected_logprobs(raw_rows(llm, out["prompt_token_ids"], out["token_ids"]),
+                                 out["token_ids"], T)
+        assert max_abs_diff(out["logprobs"], want[kind]) < TOL
+        assert max_abs_diff(out["logprobs"], want[other]) > 3 * TOL
+
+
+def test_offline_rl_settings_override_explicit_user_values(rl_run) -> None:
+    assert_settings(rl_run["result"]["settings"], RL)
+    assert "RL mode overrides enable_prefix_caching: you set True, using False." in rl_run["log"]
+    summary = [m for m in rl_run["log"] if m.startswith("RL mode on:")]
+    assert len(summary) == 1 and "logprobs_mode='processed_logprobs'" in summary[0]
+
+
+def test_offline_rl_logprobs_are_processed(rl_run) -> None:
+    assert_logprobs(rl_run["llm"], rl_run["result"]["outputs"], "processed")
+
+
+@pytest.fixture(scope="module")
+def off_runs(model) -> dict[str, dict]:
+    """Switch off, and the plugin not loaded at all, each in its own process."""
+    request = {"model": model, "prompts": PROMPTS, "sampling": SAMPLING,
+               "engine_kwargs": {**ENGINE_KWARGS, "max_logprobs": 1}}
+    return {
+        "switch_off": run_engine_subprocess(request, {"VLLM_RL_COMPAT": "0"}),
+        "plugins_disabled": run_engine_subprocess(request, {"VLLM_PLUGINS": ""}),
+    }
+
+
+def test_switch_off_is_identical_to_plugin_disabled(off_runs) -> None:
+    off, disabled = off_runs["switch_off"], off_runs["plugins_disabled"]
+    assert off["outputs"] == disabled["outputs"]
+    assert off["settings"] == disabled["settings"]
+    assert_settings(off["settings"], STOCK)
+
+
+def test_switch_off_returns_raw_logprobs(rl_run, off_runs) -> None:
+    # The RL engine's fp32 head differs from the stock bf16 head by bf16
+    # rounding of the logits, well inside TOL.
+    assert_logprobs(rl_run["llm"], off_runs["switch_off"]["outputs"], "raw")
+
+
+def test_async_llm_on_and_off(rl_run, model) -> None:
+    request = {"model": model, "prompts": PROMPTS, "sampling": SAMPLING,
+               "frontend": "async", "engine_kwargs": dict(ENGINE_KWARGS)}
+    on = asyncio.run(engine_runner.run_async(request))
+    assert_settings(on["settings"], RL)
+    assert_logprobs(rl_run["llm"], on["outputs"], "processed")
+    off = run_engine_subprocess(request, {"VLLM_RL_COMPAT": "0"})
+    assert_settings(off["settings"], STOCK)
+    assert_logprobs(rl_run["llm"], off["outputs"], "raw")
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture
+def serve(model) -> Iterator[Any]:
+    """Start ``vllm serve`` with a given switch value; yields (port, log path)."""
+    procs: list[subprocess.Popen] = []
+
+    def start(switch: str, tmp_log) -> int:
+        port = _free_port()
+        cmd = [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", model,
+               "--port", str(port), "--dtype", "bfloat16", "--max-model-len", "512",
+               "--logprobs-mode", "raw_logprobs", "--enable-prefix-caching"]
+        env = {**os.environ, "VLLM_RL_COMPAT": switch}
+        procs.append(subprocess.Popen(cmd, env=env, stdout=tmp_log, stderr=subprocess.STDOUT))
+        _wait_ready(port, procs[-1])
+        return port
+
+    yield start
+    for proc in procs:
+        proc.terminate()
+        proc.wait(timeout=60)
+
+
+def _wait_ready(port: int, proc: subprocess.Popen, timeout: float = 300) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        assert proc.poll() is None, "vllm serve exited during start-up"
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2):
+                return
+        except OSError:
+            time.sleep(1)
+    raise TimeoutError("vllm serve did not become ready")
+
+
+def _complete(port: int, prompt_ids: list[int]) -> dict[str, Any]:
+    body = {"model": "", "prompt": prompt_ids, "max_tokens": SAMPLING["max_tokens"],
+            "temperature": T, "seed": SAMPLING["seed"], "logprobs": 1,
+            "return_tokens_as_token_ids": True}
+    req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions",
+                                 data=json.dumps({k: v for k, v in body.items() if k != "model"}).encode(),
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=120) as resp:
+        choice = json.load(resp)["choices"][0]["logprobs"]
+    return {"prompt_token_ids": prompt_ids,
+            "token_ids": [int(t.split(":")[1]) for t in choice["tokens"]],
+            "logprobs": choice["token_logprobs"]}
+
+
+@pytest.mark.parametrize("switch,kind,prefix_caching", [("1", "processed", False),
+                                                        ("0", "raw", True)])
+def test_vllm_serve(serve, rl_run, tmp_path, switch, kind, prefix_caching) -> None:
+    log_path = tmp_path / "serve.log"
+    with open(log_path, "w") as log:
+        port = serve(switch, log)
+        tokenizer = rl_run["llm"].get_tokenizer()
+        outputs = [_complete(port, tokenizer.encode(p)) for p in PROMPTS]
+    text = log_path.read_text()
+    assert re.search(rf"enable_prefix_caching={prefix_caching}\b", text)
+    assert ("RL mode on: logprobs_mode='processed_logprobs'" in text) == (switch == "1")
+    assert_logprobs(rl_run["llm"], outputs, kind)

