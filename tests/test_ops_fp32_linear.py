@@ -15,25 +15,38 @@ practice), so a second check compares our max error with torch's own fp32
 still sharp enough to catch a weight rounded to bf16.
 """
 
+import json
 import os
+import subprocess
+import sys
+import textwrap
 
-# Must precede the first launch.  triton.jit reads TRITON_INTERPRET when it is
-# *applied*, not at import; our kernel is decorated lazily at first launch and
-# re-decorated if the variable changes, so it does not matter whether another
-# test module imported torch/triton (or our module) first.
-os.environ["TRITON_INTERPRET"] = "1"
+import pytest
+import torch
+import torch.nn.functional as F
 
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-import textwrap  # noqa: E402
+from vllm_rl_compat.ops import fp32_linear
+from vllm_rl_compat.ops import fp32_linear_torch as torch_mod
+from vllm_rl_compat.ops import fp32_linear_triton as triton_mod
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 
-from vllm_rl_compat.ops import fp32_linear  # noqa: E402
-from vllm_rl_compat.ops import fp32_linear_torch as torch_mod  # noqa: E402
-from vllm_rl_compat.ops import fp32_linear_triton as triton_mod  # noqa: E402
+# TRITON_INTERPRET: triton reads it (through triton.knobs, from os.environ on
+# every access) whenever @triton.jit is *applied*.  That happens both when
+# triton.language is imported (its own jit helpers such as tl.cdiv/tl.zeros)
+# and when a kernel is decorated.  Our kernel uses only core builtins and is
+# decorated lazily at its first launch (re-decorated if the variable changes,
+# see ``_get_kernel``), so it does not matter that torch/triton -- imported
+# above, or by other test modules -- were imported without the variable: this
+# module deliberately runs in that "wrong" order.  Setting it through a
+# module-scoped fixture instead of os.environ at import time keeps it from
+# leaking into other test modules collected after this one (which may import
+# vLLM and decorate its Triton kernels at import).
+@pytest.fixture(scope="module", autouse=True)
+def _triton_interpreter():
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TRITON_INTERPRET", "1")
+        yield
+
 
 EPS32 = 2.0**-24
 BF16, FP16, FP32 = torch.bfloat16, torch.float16, torch.float32
@@ -358,7 +371,6 @@ def test_kernel_compiles_for_real_gpus_without_tf32():
     (ptxas ships with the triton wheel) and inspect the PTX: bf16 tensor-core
     MMA with fp32 accumulation for 16-bit/split modes, no TF32 anywhere, no MMA
     (i.e. IEEE FMA) for fp32 x fp32."""
-    import json
     env = dict(os.environ, TRITON_INTERPRET="0", TRITON_DEFAULT_FP_FUSION="1")
     proc = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], capture_output=True, text=True,
                           env=env, timeout=300, cwd=os.path.dirname(os.path.dirname(__file__)))

@@ -102,11 +102,13 @@ def _fp32_linear_kernel(
     BLOCK_K: tl.constexpr,
     GROUP_T: tl.constexpr,
 ):
-    # Kept as one function without @triton.jit helpers: the jit wrapper is
-    # built lazily (see _get_kernel) and helpers would have to match its mode.
+    # Only core builtins, no @triton.jit helpers: the jit wrapper is built
+    # lazily (see _get_kernel) and a jit helper, including triton's own
+    # tl.cdiv / tl.zeros, is interpreted or compiled according to
+    # TRITON_INTERPRET at the time *its* module was imported.
     pid = tl.program_id(0)
-    num_t = tl.cdiv(T, BLOCK_T)
-    num_v = tl.cdiv(V, BLOCK_V)
+    num_t = (T + BLOCK_T - 1) // BLOCK_T
+    num_v = (V + BLOCK_V - 1) // BLOCK_V
     per_group = GROUP_T * num_v
     first_t = (pid // per_group) * GROUP_T
     group_t = tl.minimum(num_t - first_t, GROUP_T)
@@ -121,7 +123,7 @@ def _fp32_linear_kernel(
     x_rows = x_ptr + offs_t[:, None] * stride_xt  # [BLOCK_T, 1]
     w_cols = w_ptr + offs_v[None, :] * stride_wv  # [1, BLOCK_V]: W^T tile
 
-    acc = tl.zeros((BLOCK_T, BLOCK_V), dtype=tl.float32)
+    acc = tl.full((BLOCK_T, BLOCK_V), 0.0, tl.float32)
     for k0 in range(0, H, BLOCK_K):
         kk = k0 + offs_k
         mask_k = kk < H
@@ -230,7 +232,8 @@ def _get_kernel(interpret: bool, autotune: bool):
 
     ``triton.jit`` decides interpreter vs compiler when it is *applied*, so
     decorating at import time would make the result depend on whether
-    TRITON_INTERPRET was set before this module was first imported.  The
+    TRITON_INTERPRET was set before this module was first imported.  (The
+    kernel body avoids triton's own jit helpers for the same reason.)  The
     ``interpret`` key only exists to re-decorate when the variable changes;
     running both modes in one process is not something Triton supports.
     """
