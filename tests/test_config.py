@@ -7,6 +7,7 @@ before an engine starts because the errors they check come first.
 from __future__ import annotations
 
 import copy
+import logging
 from pathlib import Path
 
 import pytest
@@ -100,6 +101,35 @@ def test_foreign_worker_extension_is_rejected(tiny_model) -> None:
     args = _args(tiny_model, worker_extension_cls="collections.OrderedDict")
     _create_fails(args, r"worker_extension_cls='collections\.OrderedDict' does not include "
                         r"the RL weight-sync extension")
+
+
+class _Records(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+def test_override_logs_one_warning_per_explicit_setting(tiny_model) -> None:
+    # vLLM's first logging set-up in a process (inside create_engine_config)
+    # resets the handlers of vllm.* loggers: let it happen before attaching.
+    _args(tiny_model).create_engine_config()
+    args = _args(tiny_model, logprobs_mode="raw_logits", enable_prefix_caching=True,
+                 async_scheduling=True)
+    handler = _Records()
+    logging.getLogger("vllm.rl_compat").addHandler(handler)
+    config = args.create_engine_config()
+    assert handler.messages[:3] == [
+        "RL mode overrides logprobs_mode: you set 'raw_logits', using 'processed_logprobs'.",
+        "RL mode overrides enable_prefix_caching: you set True, using False.",
+        "RL mode overrides async_scheduling: you set True, using False.",
+    ]
+    assert handler.messages[3].startswith("RL mode on: logprobs_mode='processed_logprobs', "
+                                          "enable_prefix_caching=False, async_scheduling=False")
+    assert (config.model_config.logprobs_mode, config.cache_config.enable_prefix_caching,
+            config.scheduler_config.async_scheduling) == ("processed_logprobs", False, False)
 
 
 def test_switched_off_fix_leaves_setting_alone(tiny_model) -> None:

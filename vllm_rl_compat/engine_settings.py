@@ -100,11 +100,12 @@ def _conflict_message(s: EnforcedSetting, current: Any) -> str:
             f"({CONFIG_KEY}.{s.fix}=true) uses {s.arg}={s.value!r}")
 
 
-def prepare_engine_args(args: "EngineArgs") -> RLCompatConfig:
+def prepare_engine_args(args: "EngineArgs") -> tuple[RLCompatConfig, list[str]]:
     """Validate the options and set the enforced fields on ``args``.
 
     All checks run before the first field is changed: bad options or a strict
-    conflict leave ``args`` exactly as they were.
+    conflict leave ``args`` exactly as they were. Returns the options and the
+    feature hooks' summary items.
     """
     cfg = rl_config_from_additional(args.additional_config)
     todo = [(s, getattr(args, s.arg)) for s in enforced(cfg)
@@ -125,12 +126,12 @@ def prepare_engine_args(args: "EngineArgs") -> RLCompatConfig:
         logger.warning("RL mode overrides %s: you set %r, using %r.", s.arg, cur, s.value)
     args.additional_config = {**(args.additional_config or {}), CONFIG_KEY: cfg.to_dict()}
     extras = [item for hook in ARGS_HOOKS if (item := hook(args, cfg))]
-    _log_summary(args, cfg, extras)
-    return cfg
+    return cfg, extras
 
 
-def _log_summary(args: "EngineArgs", cfg: RLCompatConfig, extras: list[str]) -> None:
-    values = [f"{s.arg}={getattr(args, s.arg)!r}" for s in enforced(cfg)]
+def log_summary(vllm_config: "VllmConfig", cfg: RLCompatConfig, extras: list[str]) -> None:
+    """One start-up line with the effective values, read from the final config."""
+    values = [f"{s.arg}={s.read_final(vllm_config)!r}" for s in enforced(cfg)]
     off = [s.fix for s in SETTINGS if not getattr(cfg, s.fix)]
     logger.info("RL mode on: %s%s", ", ".join(values + extras),
                 f"; switched off: {', '.join(off)}" if off else "")
@@ -154,9 +155,10 @@ def install() -> None:
 
     @functools.wraps(original)
     def create_engine_config(self: "EngineArgs", *args: Any, **kwargs: Any) -> "VllmConfig":
-        cfg = prepare_engine_args(self)
+        cfg, extras = prepare_engine_args(self)
         vllm_config = original(self, *args, **kwargs)
         verify_vllm_config(vllm_config, cfg)
+        log_summary(vllm_config, cfg, extras)
         return vllm_config
 
     EngineArgs.create_engine_config = create_engine_config
