@@ -248,7 +248,8 @@ def test_fp32_weight_bound_is_sensitive_to_bf16_rounding(impl):
 
 def test_torch_path_chunking_and_fast_path_toggle():
     """Chunk sizes that do not divide V and both CPU paths give bound-exact results."""
-    x, w, b = _make(5, 129, 1000, BF16, BF16, bias=True)
+    x, w, b = _make(torch_mod.FAST_PATH_MIN_TOKENS + 1, 129, 1000, BF16, BF16, bias=True)
+    assert torch_mod._use_bf16_fast_path(x, w, True)
     ref, mag = _reference(x, w, b)
     bound = _bound(mag, 129, 1)
     outs = [torch_mod.fp32_linear_torch(x, w, b, chunk_rows=c, bf16_fast_path=f)

@@ -13,7 +13,8 @@ are exact and only the accumulation rounds).
 
 * CUDA, same-dtype 16-bit operands: ``torch.mm(..., out_dtype=torch.float32)``
   (fp32 accumulation and output, no copy of W at all).
-* CPU, bf16 x bf16 (``bf16_fast_path=True``): the fp32 chunks hold bf16 values,
+* CPU, bf16 x bf16, T >= FAST_PATH_MIN_TOKENS (``bf16_fast_path=True``): the
+  fp32 chunks hold bf16 values,
   so letting oneDNN run the fp32 matmul with ``fp32_precision="bf16"`` is exact
   (converting them back to bf16 loses nothing, and oneDNN's bf16 kernels
   accumulate in fp32); tests verify this against fp64.  Never used when either
@@ -28,6 +29,10 @@ from collections.abc import Iterator
 import torch
 
 DEFAULT_CHUNK_ROWS = 4096
+# Below this many tokens the matmul is a memory-bound matrix-vector product and
+# oneDNN's extra fp32->bf16 reorder of each chunk costs more than it saves
+# (measured on a shared 2-core AMX Xeon; noisy, so a coarse threshold).
+FAST_PATH_MIN_TOKENS = 16
 _HALF = (torch.bfloat16, torch.float16)
 
 
@@ -54,7 +59,8 @@ def _use_cuda_out_dtype_mm(x: torch.Tensor, weight: torch.Tensor) -> bool:
 
 def _use_bf16_fast_path(x: torch.Tensor, weight: torch.Tensor, enabled: bool) -> bool:
     """CPU bf16 x bf16 only: fp32 values holding bf16 numbers round-trip exactly."""
-    return (enabled and x.device.type == "cpu" and x.dtype == torch.bfloat16
+    return (enabled and x.device.type == "cpu" and x.shape[0] >= FAST_PATH_MIN_TOKENS
+            and x.dtype == torch.bfloat16
             and weight.dtype == torch.bfloat16 and torch.backends.mkldnn.is_available())
 
 
