@@ -23,6 +23,7 @@ def register() -> None:
 
 @functools.lru_cache(maxsize=None)
 def _register_once() -> None:
-    from vllm_rl_compat import engine_settings
+    from vllm_rl_compat import engine_settings, fp32_head
 
     engine_settings.install()
+    fp32_head.install()

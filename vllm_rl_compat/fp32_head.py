@@ -1,0 +1,337 @@
+"""fp32 lm_head: exact fp32 logits in RL mode (option ``rl_compat.fp32_head``).
+
+Why: the trainer computes the final projection in fp32, so a model-dtype head
+in the engine adds one bf16 rounding to every rollout logit (about 2**-9
+relative), which shows up in every importance ratio. vLLM's own
+``hf_overrides={"head_dtype": "float32"}`` fixes the numbers but, off CUDA,
+casts the whole V x H weight to fp32 on every step, cannot hold fp32 master
+weights, and is one more knob users forget.
+
+What it changes (worker processes only, installed by ``plugin._register_once``):
+
+* ``LogitsProcessor`` is replaced (``PluggableLayer.register_oot``) by
+  ``FP32HeadLogitsProcessor``, which overrides ``_apply_head`` -- the single
+  projection used by ``forward`` (logits, TP gather, vocab-padding strip,
+  soft-cap, scale), ``get_top_tokens`` and ``get_top_k_tokens``. The logits
+  are fp32 from there on, so soft-cap, scale and the TP gather run in fp32.
+* Modes: ``compute`` (default) projects the model-dtype weight with
+  ``vllm_rl_compat.ops.fp32_linear``: exact products, fp32 accumulation, no
+  persistent fp32 copy. ``weights`` additionally makes the head parameter
+  fp32 *before* weights load (``ParallelLMHead.__init__``), so an fp32 head
+  from a checkpoint or a trainer is used unrounded; a tied head keeps sharing
+  the model-dtype embedding parameter (names, loading and memory of the
+  embedding are unchanged) and gets an fp32 shadow copy that the embedding's
+  weight loader fills with the same unrounded tensor on every load.
+  ``off`` is stock vLLM (including a user's ``head_dtype``).
+* Front end: ``head_dtype_hook`` (an ``engine_settings.ARGS_HOOKS`` entry)
+  checks ``hf_overrides["head_dtype"]`` against the mode before vLLM builds
+  its config.
+
+What it does not modify: the model body, the embedding lookup, the sampler,
+vLLM's own oneDNN handle for the head (still built, unused in ``compute`` and
+``weights``), engines with ``fp32_head="off"`` or without ``VLLM_RL_COMPAT=1``.
+
+Transient memory (``compute`` on CPU): one fp32 chunk of 4096 vocabulary rows
+(4096 x H x 4 bytes, 9.4 MB for H=576) plus one fp32 copy of the hidden
+states; on CUDA none beyond the fp32 logits. ``weights`` holds V x H x 4 bytes
+(plus the same again in vLLM's oneDNN handle on CPU for an untied head).
+
+Fallbacks: a quantized head fails start-up with ``QuantizedHeadError`` (no
+silent fallback). ``weights`` on a model that projects through its input
+embedding module directly (e.g. Gemma 2: no ``ParallelLMHead``) logs a
+warning once and computes fp32 logits from the model-dtype weight
+(``compute``). ``refresh_head(model)`` is the one function that brings
+derived state (the tied fp32 shadow) in line after a weight update.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from typing import TYPE_CHECKING, Any, Callable
+
+import torch
+
+from vllm_rl_compat.config import CONFIG_KEY, RLCompatConfig, current_rl_config
+
+if TYPE_CHECKING:
+    from vllm.engine.arg_utils import EngineArgs
+
+logger = logging.getLogger("vllm.rl_compat")
+
+SHADOW_ATTR = "rl_compat_fp32_weight"  # module.__dict__ key of a tied head's fp32 copy
+_INSTALLED_FLAG = "_rl_compat_fp32_head"
+
+
+class QuantizedHeadError(ValueError):
+    """The head is quantized: an fp32 head from its weights is not supported."""
+
+
+# ---------------------------------------------------------------- decisions
+
+
+def check_head_supported(quant_method: Any, mode: str, where: str = "lm_head") -> None:
+    """Raise ``QuantizedHeadError`` unless ``quant_method`` keeps a plain weight."""
+    from vllm.model_executor.layers.linear import UnquantizedLinearMethod
+    from vllm.model_executor.layers.vocab_parallel_embedding import (
+        UnquantizedEmbeddingMethod,
+    )
+
+    if isinstance(quant_method, (UnquantizedEmbeddingMethod, UnquantizedLinearMethod)):
+        return
+    raise QuantizedHeadError(
+        f"{CONFIG_KEY}.fp32_head={mode!r} needs an unquantized lm_head, but {where} "
+        f"uses {type(quant_method).__name__}. Exclude the lm_head from quantization "
+        f"or set additional_config={{'{CONFIG_KEY}': {{'fp32_head': 'off'}}}}.")
+
+
+def select_impl(device_type: str, preference: str) -> str:
+    """The ``fp32_linear`` implementation for a device: one decision point.
+
+    CUDA: the Triton kernel (``auto``/``triton``) or ``torch``, which is
+    ``torch.mm(out_dtype=float32)`` for 16-bit weights. Elsewhere: ``torch``,
+    the chunked exact path (bf16 weights: oneDNN bf16 dot products with fp32
+    accumulation on fp32 chunks; fp32 weights: IEEE fp32).
+    """
+    if device_type == "cuda":
+        return "torch" if preference == "torch" else "triton"
+    if preference == "triton":
+        raise ValueError(
+            f"{CONFIG_KEY}.fp32_head_impl='triton' needs a CUDA device, this engine "
+            f"runs on {device_type!r}; use 'auto' or 'torch'.")
+    return "torch"
+
+
+def check_head_dtype(head_dtype: torch.dtype | None, model_dtype: torch.dtype,
+                     mode: str) -> None:
+    """An fp32 head mode accepts ``head_dtype`` unset/model dtype or float32."""
+    if mode == "off" or head_dtype in (None, model_dtype, torch.float32):
+        return
+    raise ValueError(
+        f"hf_overrides head_dtype={head_dtype} conflicts with {CONFIG_KEY}.fp32_head="
+        f"{mode!r} (fp32 logits); drop head_dtype or set {CONFIG_KEY}.fp32_head='off'.")
+
+
+# ---------------------------------------------------------------- projection
+
+
+def head_weight(lm_head: torch.nn.Module) -> torch.Tensor:
+    """The weight the fp32 projection reads: a tied head's fp32 shadow, else ``weight``."""
+    shadow = lm_head.__dict__.get(SHADOW_ATTR)
+    return shadow if shadow is not None else lm_head.weight
+
+
+def project_fp32(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                 impl: str) -> torch.Tensor:
+    """fp32 ``hidden @ weight.T (+ bias)`` for any leading shape of ``hidden``."""
+    from vllm_rl_compat.ops import fp32_linear
+
+    flat = hidden.reshape(-1, hidden.shape[-1])
+    logits = fp32_linear(flat, weight, bias, impl=impl)
+    return logits.reshape(*hidden.shape[:-1], weight.shape[0])
+
+
+def _logits_processor_class() -> type:
+    """Build the subclass lazily: vLLM must not be imported at module import."""
+    from vllm.model_executor.layers.logits_processor import LogitsProcessor
+    from vllm.platforms import current_platform
+
+    class FP32HeadLogitsProcessor(LogitsProcessor):
+        """``LogitsProcessor`` whose head projection returns exact fp32 logits."""
+
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            cfg = current_rl_config()
+            self.rl_mode = cfg.fp32_head
+            self.rl_impl = None
+            if self.rl_mode != "off":
+                self.rl_impl = select_impl(current_platform.device_type, cfg.fp32_head_impl)
+                model_config = _model_config()
+                if model_config is not None:
+                    check_head_dtype(self.head_dtype, model_config.dtype, self.rl_mode)
+
+        def _apply_head(self, lm_head: torch.nn.Module, hidden_states: torch.Tensor,
+                        embedding_bias: torch.Tensor | None) -> torch.Tensor:
+            if self.rl_mode == "off":
+                return super()._apply_head(lm_head, hidden_states, embedding_bias)
+            check_head_supported(lm_head.quant_method, self.rl_mode)
+            if self.rl_mode == "weights":
+                _warn_if_not_fp32(lm_head)
+            weight = head_weight(lm_head)
+            return project_fp32(hidden_states, weight, embedding_bias, self.rl_impl)
+
+        def extra_repr(self) -> str:
+            return super().extra_repr() + f", fp32_head={self.rl_mode}, impl={self.rl_impl}"
+
+    return FP32HeadLogitsProcessor
+
+
+def _model_config() -> Any:
+    from vllm.config import get_current_vllm_config
+
+    return get_current_vllm_config().model_config
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_weights_fallback(kind: str) -> None:
+    logger.warning(
+        "%s.fp32_head='weights': this model projects through its %s, which holds the "
+        "model dtype; logits are fp32 computed from the model-dtype weight "
+        "(as in 'compute').", CONFIG_KEY, kind)
+
+
+def _warn_if_not_fp32(lm_head: torch.nn.Module) -> None:
+    if head_weight(lm_head).dtype != torch.float32:
+        _warn_weights_fallback(type(lm_head).__name__)
+
+
+# ---------------------------------------------------------------- fp32 weights
+
+
+def _fp32_parameter(old: torch.nn.Parameter) -> torch.nn.Parameter:
+    """An fp32 parameter with ``old``'s shape, device and loader attributes."""
+    new = torch.nn.Parameter(torch.empty_like(old, dtype=torch.float32), requires_grad=False)
+    for key, value in vars(old).items():
+        setattr(new, key, value)
+    return new
+
+
+def make_head_fp32(head: torch.nn.Module) -> None:
+    """Hold ``head.weight`` (and ``head.bias``) in fp32 before weights load."""
+    head.weight = _fp32_parameter(head.weight)
+    if getattr(head, "bias", None) is not None:
+        head.bias = _fp32_parameter(head.bias)
+
+
+def _load_shadow(head: torch.nn.Module, loaded_weight: torch.Tensor) -> None:
+    """Copy the unrounded checkpoint tensor into the head's fp32 shadow (TP-sharded)."""
+    shadow = head.__dict__[SHADOW_ATTR]
+    head.weight_loader(shadow, loaded_weight)
+
+
+def tie_fp32_shadow(head: torch.nn.Module, embed: torch.nn.Module,
+                    fp32_param: torch.nn.Parameter) -> None:
+    """Keep ``fp32_param`` as the head's fp32 shadow, filled on every embedding load.
+
+    The embedding parameter's ``weight_loader`` is wrapped: it loads the
+    embedding as before (rounded to the model dtype), then the same tensor into
+    the shadow without rounding. vLLM's layerwise reload keeps a parameter's
+    loader and calls it, so the shadow follows reloads too.
+    """
+    from vllm.model_executor.model_loader.weight_utils import default_weight_loader
+
+    head.__dict__[SHADOW_ATTR] = fp32_param
+    param = embed.weight
+    base: Callable[..., Any] = getattr(param, "weight_loader", default_weight_loader)
+    if getattr(base, "_rl_compat_shadow", False):
+        return
+
+    def weight_loader(target: torch.Tensor, loaded_weight: torch.Tensor, *args: Any,
+                      **kwargs: Any) -> Any:
+        result = base(target, loaded_weight, *args, **kwargs)
+        if not loaded_weight.is_meta:
+            _load_shadow(head, loaded_weight)
+        return result
+
+    weight_loader._rl_compat_shadow = True  # type: ignore[attr-defined]
+    param.weight_loader = weight_loader
+
+
+def refresh_head(model: torch.nn.Module) -> None:
+    """Bring the head's derived state in line with the model's current weights.
+
+    Call after every weight update (idempotent). The only derived state is the
+    fp32 shadow of a tied head in ``weights`` mode; it is normally filled by the
+    embedding's loader. If the embedding changed some other way (its values no
+    longer equal the shadow rounded to the model dtype), the shadow is rebuilt
+    from the embedding -- consistent but rounded -- and a warning says so.
+    Cost when nothing changed: one read-only comparison of the head.
+    """
+    for module in model.modules():
+        shadow = module.__dict__.get(SHADOW_ATTR)
+        if shadow is None:
+            continue
+        embed = module.weight
+        with torch.no_grad():
+            if torch.equal(shadow.to(embed.dtype), embed):
+                continue
+            shadow.copy_(embed)
+        logger.warning(
+            "%s.fp32_head='weights': the tied embedding changed without its weight "
+            "loader; the fp32 head was rebuilt from the %s embedding (rounded).",
+            CONFIG_KEY, embed.dtype)
+
+
+# ---------------------------------------------------------------- patches
+
+
+def _on_head_created(head: torch.nn.Module) -> None:
+    """``ParallelLMHead.__init__`` epilogue: start-up checks and fp32 weights."""
+    cfg = current_rl_config()
+    if cfg.fp32_head == "off":
+        return
+    check_head_supported(head.quant_method, cfg.fp32_head, getattr(head, "prefix", "lm_head"))
+    if cfg.fp32_head == "weights" and head.weight.dtype != torch.float32:
+        make_head_fp32(head)
+        head.__dict__["_rl_compat_own_fp32"] = True
+
+
+def _patch_parallel_lm_head() -> None:
+    from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead
+
+    if getattr(ParallelLMHead, _INSTALLED_FLAG, False):
+        return
+    original_init = ParallelLMHead.__init__
+    original_tie = ParallelLMHead.tie_weights
+
+    @functools.wraps(original_init)
+    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+        original_init(self, *args, **kwargs)
+        _on_head_created(self)
+
+    @functools.wraps(original_tie)
+    def tie_weights(self: Any, embed_tokens: torch.nn.Module) -> Any:
+        own = self.weight if self.__dict__.get("_rl_compat_own_fp32") else None
+        result = original_tie(self, embed_tokens)
+        if own is not None and self.weight is not own:
+            tie_fp32_shadow(self, embed_tokens, own)
+        return result
+
+    ParallelLMHead.__init__ = __init__
+    ParallelLMHead.tie_weights = tie_weights
+    setattr(ParallelLMHead, _INSTALLED_FLAG, True)
+
+
+def head_dtype_hook(args: "EngineArgs", cfg: RLCompatConfig) -> str | None:
+    """Front-end check of ``hf_overrides["head_dtype"]`` against ``fp32_head``.
+
+    ``float32`` is served by this module (vLLM's native path is not used);
+    another explicit value with an fp32 mode is a start-up error.
+    """
+    overrides = args.hf_overrides if isinstance(args.hf_overrides, dict) else {}
+    requested = overrides.get("head_dtype")
+    item = f"fp32_head={cfg.fp32_head!r}"
+    if requested is None:
+        return item
+    if cfg.fp32_head == "off":
+        return item + f" (vLLM head_dtype={requested!r})"
+    if str(requested).lower().replace("torch.", "") not in ("float32", "float"):
+        raise ValueError(
+            f"hf_overrides head_dtype={requested!r} conflicts with {CONFIG_KEY}.fp32_head="
+            f"{cfg.fp32_head!r}, which gives fp32 logits; drop head_dtype or set "
+            f"{CONFIG_KEY}.fp32_head='off'.")
+    return item + " (serves head_dtype='float32')"
+
+
+def install() -> None:
+    """Register the fp32 head in this process (idempotent)."""
+    from vllm.model_executor.custom_op import op_registry_oot
+    from vllm.model_executor.layers.logits_processor import LogitsProcessor
+
+    from vllm_rl_compat import engine_settings
+
+    if head_dtype_hook not in engine_settings.ARGS_HOOKS:
+        engine_settings.ARGS_HOOKS.append(head_dtype_hook)
+    if "LogitsProcessor" not in op_registry_oot:
+        LogitsProcessor.register_oot(_logits_processor_class())
+    _patch_parallel_lm_head()
