@@ -89,6 +89,9 @@ class ReferenceScorer:
         self.model = _load_model(model_dir, torch.float32 if kind == "fp32" else
                                  _torch_dtype(dtype))
         self._cache: dict[tuple[tuple[int, ...], tuple[int, ...]], list[float]] = {}
+        # Upcast the head once: converting a V x H weight per call costs more
+        # than the whole bf16 forward pass of a small model.
+        self._head = fp32_head_params(self.model)
 
     def score(self, prompt_ids: Sequence[int], completion_ids: Sequence[int]) -> list[float]:
         """Trainer logprob of each completion token given everything before it."""
@@ -108,7 +111,7 @@ class ReferenceScorer:
             return []
         ids = torch.tensor([prompt + completion], dtype=torch.long)
         hidden = _final_hidden(self.model, ids)[0, len(prompt) - 1 : -1]
-        logits = head_logits_fp32(self.model, hidden)
+        logits = head_logits_fp32(self.model, hidden, self._head)
         logprobs = apply_sampling_transform(logits, self.spec)
         target = torch.tensor(completion, dtype=torch.long).unsqueeze(-1)
         return logprobs.gather(-1, target).squeeze(-1).tolist()
@@ -140,18 +143,25 @@ def _final_hidden(model: Any, ids: torch.Tensor) -> torch.Tensor:
     return out.last_hidden_state
 
 
-def head_logits_fp32(model: Any, hidden: torch.Tensor) -> torch.Tensor:
-    """lm_head projection in fp32, plus the model's own logit post-processing.
-
-    Upcasts the hidden states and the (possibly tied) head weight and bias and
-    runs an fp32 matmul.  Then applies what the HF model applies after its
-    head: Gemma-style final soft-capping and a ``logit_scale`` if configured.
-    """
+def fp32_head_params(model: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The (possibly tied) lm_head weight and bias, upcast to fp32."""
     head = model.get_output_embeddings()
     bias = getattr(head, "bias", None)
-    logits = torch.nn.functional.linear(
-        hidden.float(), head.weight.float(), None if bias is None else bias.float()
-    )
+    return head.weight.float(), None if bias is None else bias.float()
+
+
+def head_logits_fp32(model: Any, hidden: torch.Tensor,
+                     params: tuple[torch.Tensor, torch.Tensor | None] | None = None,
+                     ) -> torch.Tensor:
+    """lm_head projection in fp32, plus the model's own logit post-processing.
+
+    Upcasts the hidden states and the head weight and bias (or uses ``params``
+    from ``fp32_head_params``) and runs an fp32 matmul.  Then applies what the
+    HF model applies after its head: Gemma-style final soft-capping and a
+    ``logit_scale`` if configured.
+    """
+    weight, bias = params if params is not None else fp32_head_params(model)
+    logits = torch.nn.functional.linear(hidden.float(), weight, bias)
     config = model.config
     cap = getattr(config, "final_logit_softcapping", None)
     if cap:
