@@ -122,7 +122,7 @@ def _analytic_extra_mib(provider: str, T: int, H: int, V: int, xd: torch.dtype,
         return (x32 + (0 if wd == torch.float32 else V * H * 4)) / 2**20
     if provider == "ours_torch":
         chunk = min(DEFAULT_CHUNK_ROWS, V)
-        return (x32 + chunk * H * 4 + T * chunk * 4) / 2**20
+        return (x32 + chunk * H * 4) / 2**20
     return 0.0
 
 
@@ -257,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
     import triton
     xd, wd = DTYPES[args.act_dtype], DTYPES[args.weight_dtype]
     rows: list[Row] = []
-    t_start = time.perf_counter()
+    t_start, load_start = time.perf_counter(), os.getloadavg()[0]
     for H, V, tokens in _plan(args, on_cuda):
         g = torch.Generator(device="cpu").manual_seed(H + V)
         w = (torch.randn(V, H, generator=g) * H**-0.5).to(device=device, dtype=wd)
@@ -276,6 +276,8 @@ def main(argv: list[str] | None = None) -> int:
         "date": _dt.datetime.now().strftime("%Y-%m-%d %H:%M"),
         "command": "python benchmarks/bench_fp32_linear.py " + " ".join(argv or sys.argv[1:]),
         "wall time": f"{time.perf_counter() - t_start:.0f} s",
+        "load average at start / end": f"{load_start:.1f} / {os.getloadavg()[0]:.1f} "
+                                       "(CPU timings are noisy when the machine is shared)",
     }
     args.out.mkdir(parents=True, exist_ok=True)
     stem = args.name or f"fp32_linear_{device.type}"

@@ -338,7 +338,7 @@ def test_decode_config_uses_small_token_tile():
 
 
 _COMPILE_SCRIPT = textwrap.dedent("""
-    import json, re, sys, triton
+    import json, re, torch, triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
     from triton.runtime.jit import JITFunction
@@ -347,31 +347,40 @@ _COMPILE_SCRIPT = textwrap.dedent("""
     sig = {n: "i64" if n.startswith("stride") else "i32" for n in
            ("T", "V", "H", "stride_xt", "stride_xh", "stride_wv", "stride_wh",
             "stride_b", "stride_ot", "stride_ov", "t_bucket")}
-    names = {"bf16": "bf16", "fp16": "fp16", "fp32": "fp32"}
+    short = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
     res = {}
-    for xd, wd, mode, xp, wp in [("bf16", "fp32", 2, 1, 3), ("bf16", "bf16", 0, 1, 1),
-                                 ("fp32", "fp32", 1, 1, 1), ("fp16", "fp32", 2, 2, 3)]:
-        s = dict(sig, x_ptr="*" + xd, w_ptr="*" + wd, b_ptr="*fp32", out_ptr="*fp32")
-        const = dict(HAS_BIAS=True, MODE=mode, X_PARTS=xp, W_PARTS=wp, INTERPRET=False,
-                     BLOCK_T=16, BLOCK_V=64, BLOCK_K=64, GROUP_T=8)
-        for k in const:
-            s[k] = "constexpr"
-        for cc in (80, 90):
-            c = triton.compile(ASTSource(fn=kernel, signature=s, constexprs=const),
-                               target=GPUTarget("cuda", cc, 32),
-                               options={"num_warps": 4, "num_stages": 3})
-            ptx = c.asm["ptx"]
-            res[f"{xd}-{wd}-sm{cc}"] = {"mma": sorted(set(re.findall(r"mma[.\\w]*", ptx))),
-                                        "tf32": "tf32" in ptx.lower(), "cubin": len(c.asm["cubin"])}
+    for xd, wd in [(torch.bfloat16, torch.float32), (torch.bfloat16, torch.bfloat16),
+                   (torch.float32, torch.float32), (torch.float16, torch.float32)]:
+        mode, xp, wp = m.kernel_mode(xd, wd)
+        s = dict(sig, x_ptr="*" + short[xd], w_ptr="*" + short[wd], b_ptr="*fp32",
+                 out_ptr="*fp32")
+        for T in (1, 512):  # the decode and the prefill default configuration
+            cfg = m.default_config(T, wd)
+            const = dict(HAS_BIAS=True, MODE=mode, X_PARTS=xp, W_PARTS=wp, INTERPRET=False,
+                         BLOCK_T=cfg.block_t, BLOCK_V=cfg.block_v, BLOCK_K=cfg.block_k,
+                         GROUP_T=cfg.group_t)
+            for k in const:
+                s[k] = "constexpr"
+            for cc in (80, 86, 90):
+                c = triton.compile(ASTSource(fn=kernel, signature=s, constexprs=const),
+                                   target=GPUTarget("cuda", cc, 32),
+                                   options={"num_warps": cfg.num_warps,
+                                            "num_stages": cfg.num_stages})
+                ptx = c.asm["ptx"]
+                res[f"{short[xd]}-{short[wd]}-T{T}-sm{cc}"] = {
+                    "mma": sorted(set(re.findall(r"mma[.\\w]*", ptx))),
+                    "tf32": "tf32" in ptx.lower(), "cubin": len(c.asm["cubin"]),
+                    "shared": c.metadata.shared}
     print(json.dumps(res))
 """)
 
 
 def test_kernel_compiles_for_real_gpus_without_tf32():
-    """The interpreter never runs the compiled path, so compile it for sm_80/sm_90
-    (ptxas ships with the triton wheel) and inspect the PTX: bf16 tensor-core
-    MMA with fp32 accumulation for 16-bit/split modes, no TF32 anywhere, no MMA
-    (i.e. IEEE FMA) for fp32 x fp32."""
+    """The interpreter never runs the compiled path, so compile the default
+    decode/prefill configurations for sm_80/86/90 (ptxas ships with the triton
+    wheel) and inspect the result: bf16 tensor-core MMA with fp32 accumulation
+    for 16-bit/split modes, no TF32 anywhere, no MMA (i.e. IEEE FMA) for
+    fp32 x fp32, and shared memory within the 99 KB a block may use on sm_86."""
     env = dict(os.environ, TRITON_INTERPRET="0", TRITON_DEFAULT_FP_FUSION="1")
     proc = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], capture_output=True, text=True,
                           env=env, timeout=300, cwd=os.path.dirname(os.path.dirname(__file__)))
@@ -379,11 +388,13 @@ def test_kernel_compiles_for_real_gpus_without_tf32():
         pytest.skip("no ptxas available for an offline CUDA compile")
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads(proc.stdout.strip().splitlines()[-1])
-    bf16_mma = "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32"
+    # mma.sync ... .f32.bf16.bf16.f32 (sm_80/86, sm_90 small tiles) or
+    # wgmma.mma_async ... .f32.bf16.bf16 (sm_90, 64-row tiles): fp32 accumulator.
     for key, info in res.items():
         assert not info["tf32"], key
         assert info["cubin"] > 0, key
+        assert info["shared"] <= 99 * 1024, (key, info["shared"])
         if key.startswith("fp32-fp32"):
             assert info["mma"] == [], key
         else:
-            assert bf16_mma in info["mma"], (key, info["mma"])
+            assert any(".f32.bf16.bf16" in m for m in info["mma"]), (key, info["mma"])

@@ -4,8 +4,7 @@ Why: vLLM's CPU fallback for fp32 logits is ``F.linear(x.float(), W.float())``,
 which materialises a full fp32 copy of the (vocab x hidden) weight on every
 call (2.2 GB for a 152k x 3584 head).  Here the weight is upcast in chunks of
 vocabulary rows, each written into a preallocated fp32 output, so the
-transient memory is ``chunk_rows * H * 4`` bytes (+ one fp32 copy of ``x`` and
-one ``T x chunk_rows`` result block).
+transient memory is ``chunk_rows * H * 4`` bytes (+ one fp32 copy of ``x``).
 
 Precision: every path computes in fp32 from exactly-upcast operands, so the
 result carries only fp32 rounding (for 16-bit x 16-bit operands the products
@@ -68,13 +67,17 @@ def _chunked_fp32_mm(x32: torch.Tensor, weight: torch.Tensor, out: torch.Tensor,
                      chunk_rows: int) -> None:
     """out[:, v0:v1] = x32 @ fp32(weight[v0:v1]).T, chunk by chunk.
 
-    Transient memory: one fp32 weight chunk (chunk_rows x H) and one
-    T x chunk_rows product block before it is copied into ``out``.
+    One fp32 chunk buffer (chunk_rows x H) is reused for every chunk, so large
+    allocations (and their page faults) happen once per call; the product is
+    written straight into the strided output slice (BLAS takes ldc = V).
     """
-    V = weight.shape[0]
+    V, H = weight.shape
+    buf = torch.empty((min(chunk_rows, V), H), dtype=torch.float32, device=weight.device)
     for v0 in range(0, V, chunk_rows):
         v1 = min(v0 + chunk_rows, V)
-        out[:, v0:v1] = torch.mm(x32, weight[v0:v1].to(torch.float32).t())
+        chunk = buf[: v1 - v0]
+        chunk.copy_(weight[v0:v1])
+        torch.mm(x32, chunk.t(), out=out[:, v0:v1])
 
 
 def fp32_linear_torch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
