@@ -46,6 +46,7 @@ import os
 import shutil
 import tempfile
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping
@@ -344,6 +345,7 @@ class WeightSync:
         self.llm = llm
         self._timeout = rpc_timeout
         self._lock = threading.Lock()
+        self.last_pause_seconds: float | None = None  # pause-to-resume of the last update
         try:
             self.num_workers = len(llm.collective_rpc("rl_compat_ping"))
         except Exception as exc:  # noqa: BLE001
@@ -393,6 +395,7 @@ class WeightSync:
 
     def _update(self, stage: str, *args: Any) -> int:
         with self._lock:
+            t0 = time.perf_counter()
             self.llm.sleep(level=0, mode="keep")
             try:
                 try:
@@ -410,6 +413,7 @@ class WeightSync:
                 return self._version
             finally:
                 self.llm.wake_up(tags=["scheduling"])
+                self.last_pause_seconds = time.perf_counter() - t0
 
 
 # ------------------------------------------------------------- AsyncLLM
@@ -427,6 +431,7 @@ class AsyncWeightSync:
         self._version = version
         self._timeout = rpc_timeout
         self._lock = asyncio.Lock()
+        self.last_pause_seconds: float | None = None  # pause-to-resume of the last update
 
     @classmethod
     async def create(cls, engine: Any, *, rpc_timeout: float | None = None
@@ -478,6 +483,7 @@ class AsyncWeightSync:
 
     async def _update(self, stage: str, *args: Any) -> int:
         async with self._lock:
+            t0 = time.perf_counter()
             await self.engine.pause_generation(mode="keep", clear_cache=False)
             try:
                 try:
@@ -495,3 +501,4 @@ class AsyncWeightSync:
                 return self._version
             finally:
                 await self.engine.resume_generation()
+                self.last_pause_seconds = time.perf_counter() - t0
