@@ -73,9 +73,13 @@ def fp32_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
 
     ``x``: ``[T, H]``; ``weight``: ``[V, H]``; ``bias``: ``[V]`` or None; each
     bf16, fp16 or fp32 (mixed dtypes allowed).  The result is the exact
-    product sum rounded only by fp32 accumulation: |err| <= ~H * 2**-24 *
-    (|x| @ |w|.T + |b|) elementwise, in practice far less.  The output is a new
-    contiguous fp32 tensor; inputs are never modified or copied whole.
+    product sum rounded only by fp32 accumulation: elementwise
+    |err| <= (P*H + 2) * 2**-24 * (|x| @ |w|.T + |b|), with P the kernel's
+    part-dot passes (1 for same-dtype or fp32 x fp32, up to 6 for mixed
+    dtypes); in practice errors are ~sqrt(H) smaller.  Non-finite inputs: NaN
+    propagates; an inf may come out as NaN in mixed-dtype (split) mode.  The
+    output is a new contiguous fp32 tensor; inputs are never modified or
+    copied whole.
     ``impl``: "auto" (Triton on CUDA, torch elsewhere), "triton" or "torch".
     """
     _validate(x, weight, bias, impl)

@@ -11,7 +11,10 @@ because Triton's default for fp32 operands on NVIDIA is TF32):
 * same-dtype 16-bit operands (bf16 x bf16, fp16 x fp16): one tensor-core dot
   with fp32 accumulation.  The product of two bf16 (8-bit significand) or two
   fp16 (11-bit) numbers fits in fp32's 24-bit significand, so every product is
-  exact and only the fp32 accumulation rounds.
+  exact and only the fp32 accumulation rounds (inside the MMA unit the
+  accumulation order and rounding are the hardware's, not strictly IEEE
+  sequential; the error stays at the fp32-accumulation level and is what the
+  GPU run of the benchmark's error column measures).
 * fp32 x fp32: IEEE fp32 dot (FMA on CUDA cores, no TF32).
 * every other combination ("split" mode): each operand is cut *exactly* into
   bf16-representable parts (bf16: 1 part, fp16: 2 parts, fp32: 3 parts) and
@@ -31,7 +34,8 @@ long as ``2**(e-23)`` is not below bf16's smallest subnormal ``2**-133``, i.e.
 ``|w| >= 2**-110``.  Hence ``w == hi + mid + lo`` exactly for every finite
 ``|w| >= 2**-110`` and for 0; for tinier weights the dropped bits are below
 ``2**-133`` in absolute value.  ``+-inf`` is kept in ``hi`` (``mid = lo = 0``);
-NaN propagates.  fp16 values (11 bits, exponent >= -24) need two parts.
+NaN propagates.  (With a multi-part operand facing an inf, a zero part times
+inf gives NaN where IEEE fp32 would give inf: LM heads are finite.)  fp16 values (11 bits, exponent >= -24) need two parts.
 ``tests/test_ops_fp32_linear.py`` checks the identity bit-for-bit in torch.
 
 Interpreter: ``TRITON_INTERPRET=1`` multiplies bf16 dot operands wrongly (it
