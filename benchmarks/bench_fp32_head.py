@@ -1,0 +1,269 @@
+"""fp32 lm_head on CPU: decode throughput, head memory, and rollout logprob parity.
+
+One run measures three heads on SmolLM2-135M-Instruct (bf16 body), each engine
+in its own child process with RL mode on (same engine settings otherwise):
+
+* ``bf16``   -- ``rl_compat.fp32_head="off"``: vLLM's model-dtype head;
+* ``native`` -- ``fp32_head="off"`` + ``hf_overrides={"head_dtype": "float32"}``:
+  vLLM's own fp32 head (casts the V x H weight to fp32 every step on CPU);
+* ``ours``   -- ``fp32_head="compute"`` (the default).
+
+Throughput: ``--prompts`` prompts x ``--tokens`` new tokens, ``ignore_eos``,
+after one warm-up batch; best of ``--repeats`` timed batches (the machine is
+shared, so the best run is the least disturbed one).
+
+Parity: the sampled tokens' processed logprobs (temperature ``--temperature``)
+against a trainer reference computed with HF transformers on the same tokens
+(bf16 body, fp32 head: ``h.float() @ W.float().T``), summarised with
+``vllm_rl_compat.parity.metrics.compute_metrics`` (mean/max |dlogprob|, k3 KL,
+clip rate at eps=0.2).
+
+Head memory: peak bytes allocated beyond inputs and output by one head call
+(SmolLM2 head shape, ``--prompts`` rows), from torch's CPU memory profiler.
+
+Usage: ``python benchmarks/bench_fp32_head.py [--out benchmarks/results/fp32_head_cpu.md]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+VARIANTS: dict[str, dict[str, Any]] = {
+    "bf16": {"rl_compat": {"fp32_head": "off"}},
+    "native": {"rl_compat": {"fp32_head": "off"}, "hf_overrides": {"head_dtype": "float32"}},
+    "ours": {"rl_compat": {"fp32_head": "compute"}},
+}
+PROMPT_SEEDS = [
+    "Write a short story about a lighthouse keeper.",
+    "Explain how a refrigerator works.",
+    "List some uses of a paperclip.",
+    "What is the capital of France and why is it famous?",
+    "Describe the water cycle to a child.",
+    "Give me advice on learning to play the guitar.",
+    "Summarize the plot of a heist movie.",
+    "Why is the sky blue?",
+]
+
+
+def prompts(n: int) -> list[str]:
+    return [f"{PROMPT_SEEDS[i % len(PROMPT_SEEDS)]} (variant {i})" for i in range(n)]
+
+
+# ------------------------------------------------------------------ child
+
+
+def child(variant: str, args: argparse.Namespace) -> dict[str, Any]:
+    """Run one engine: timed decode batches, then the sampled tokens and logprobs."""
+    from vllm import LLM, SamplingParams
+
+    spec = VARIANTS[variant]
+    llm = LLM(model=args.model, dtype="bfloat16", seed=0, max_model_len=512,
+              additional_config={"rl_compat": spec["rl_compat"]},
+              hf_overrides=spec.get("hf_overrides"), enforce_eager=args.enforce_eager)
+    texts = prompts(args.prompts)
+    timed = SamplingParams(max_tokens=args.tokens, ignore_eos=True, temperature=1.0, seed=0)
+    llm.generate(texts, SamplingParams(max_tokens=8, ignore_eos=True), use_tqdm=False)
+    times = []
+    for _ in range(args.repeats):
+        start = time.perf_counter()
+        outs = llm.generate(texts, timed, use_tqdm=False)
+        times.append(time.perf_counter() - start)
+    tokens = sum(len(o.outputs[0].token_ids) for o in outs)
+    sample = SamplingParams(max_tokens=args.parity_tokens, temperature=args.temperature,
+                            seed=1, logprobs=0)
+    outs = llm.generate(texts, sample, use_tqdm=False)
+    return {
+        "variant": variant, "tokens": tokens, "times_s": times,
+        "tok_per_s": tokens / min(times),
+        "rollouts": [{"prompt": list(o.prompt_token_ids), "tokens": list(o.outputs[0].token_ids),
+                      "logprobs": [step[t].logprob for t, step in
+                                   zip(o.outputs[0].token_ids, o.outputs[0].logprobs)]}
+                     for o in outs],
+    }
+
+
+def run_child(variant: str, args: argparse.Namespace) -> dict[str, Any]:
+    cmd = [sys.executable, __file__, "--child", variant, "--model", args.model,
+           "--prompts", str(args.prompts), "--tokens", str(args.tokens),
+           "--repeats", str(args.repeats), "--parity-tokens", str(args.parity_tokens),
+           "--temperature", str(args.temperature)]
+    if args.enforce_eager:
+        cmd.append("--enforce-eager")
+    env = {**os.environ, "VLLM_RL_COMPAT": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{variant} failed:\n{proc.stderr[-4000:]}")
+    return json.loads(_last_json_line(proc.stdout))
+
+
+def _last_json_line(text: str) -> str:
+    return [line for line in text.splitlines() if line.startswith("{")][-1]
+
+
+# ------------------------------------------------------------------ reference
+
+
+def trainer_logprobs(model_dir: str, rollouts: list[dict], temperature: float) -> list[list[float]]:
+    """HF transformers, bf16 body, fp32 head; processed logprobs of the given tokens."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).eval()
+    w = model.get_output_embeddings().weight.float()
+    out = []
+    with torch.inference_mode():
+        for r in rollouts:
+            ids = torch.tensor([r["prompt"] + r["tokens"]])
+            hidden = model.model(input_ids=ids).last_hidden_state[0]
+            n = len(r["prompt"])
+            h = hidden[n - 1: n - 1 + len(r["tokens"])].float()
+            logp = torch.log_softmax((h @ w.T) / temperature, dim=-1)
+            out.append(logp.gather(-1, torch.tensor(r["tokens"])[:, None])[:, 0].tolist())
+    return out
+
+
+# ------------------------------------------------------------------ head memory
+
+
+def _head_paths(rows: int) -> dict[str, Any]:
+    """The three head computations on the SmolLM2 head shape (49152 x 576, bf16)."""
+    import torch
+    import torch.nn.functional as F
+    from vllm import _custom_ops as ops
+
+    from vllm_rl_compat.ops import fp32_linear
+
+    torch.manual_seed(0)
+    w = torch.randn(49152, 576, dtype=torch.bfloat16) * 0.05  # no fp32 temporary
+    h = torch.randn(rows, 576, dtype=torch.bfloat16)
+    handle = ops.create_onednn_mm(w.t(), 32)
+    return {
+        "bf16": lambda: ops.onednn_mm(handle, h, None),
+        "native": lambda: F.linear(h.float(), w.float()),
+        "ours": lambda: fp32_linear(h, w, None),
+    }
+
+
+def mem_child(path: str, rows: int) -> dict[str, float]:
+    """Child: peak RSS growth of the first head call, minus its output."""
+    import resource
+
+    fn = _head_paths(rows)[path]
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    out = fn()
+    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    extra = (after - before) * 1024 - out.numel() * out.element_size()
+    return {"extra_MB": max(extra, 0) / 2**20, "ms": _best_ms(fn)}
+
+
+def head_memory(rows: int) -> dict[str, dict[str, float]]:
+    """Per path (fresh process each): peak transient MB (RSS) and best call time."""
+    res = {}
+    for path in VARIANTS:
+        proc = subprocess.run([sys.executable, __file__, "--mem-child", path,
+                               "--prompts", str(rows), "--model", "unused"],
+                              capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(proc.stderr[-3000:])
+        res[path] = json.loads(_last_json_line(proc.stdout))
+    return res
+
+
+def _best_ms(fn: Any, n: int = 15) -> float:
+    fn()
+    best = float("inf")
+    for _ in range(n):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best * 1e3
+
+
+# ------------------------------------------------------------------ report
+
+
+def render(results: dict[str, dict], metrics: dict[str, Any], memory: dict[str, dict],
+           args: argparse.Namespace) -> str:
+    base = results["bf16"]["tok_per_s"]
+    lines = [
+        "# fp32 lm_head on CPU (SmolLM2-135M-Instruct, bf16 body)", "",
+        f"`python benchmarks/bench_fp32_head.py` -- {args.prompts} prompts x {args.tokens} "
+        f"tokens (ignore_eos), best of {args.repeats}; 2 shared CPU cores, noisy; "
+        f"enforce_eager={args.enforce_eager}.", "",
+        "| head | decode tok/s | vs bf16 | head call ms | head peak extra MB |",
+        "|---|---|---|---|---|"]
+    for name in VARIANTS:
+        r, m = results[name], memory[name]
+        lines.append(f"| {name} | {r['tok_per_s']:.1f} | {r['tok_per_s'] / base:.3f}x "
+                     f"| {m['ms']:.2f} | {m['extra_MB']:.1f} |")
+    lines += ["", f"Parity vs trainer reference (HF bf16 body, fp32 head), processed logprobs "
+              f"at T={args.temperature}, {args.prompts} x {args.parity_tokens} sampled tokens "
+              f"(each engine samples its own tokens; the reference scores those tokens):", "",
+              "| head | mean abs dlogp | max abs dlogp | KL k3 | clip rate (eps=0.2) |",
+              "|---|---|---|---|---|"]
+    for name in VARIANTS:
+        m = metrics[name]
+        lines.append(f"| {name} | {m['mean_abs_dlogp']:.3e} | {m['max_abs_dlogp']:.3e} "
+                     f"| {m['kl_k3']:.3e} | {m['clip_rate']:.4f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default=None, help="HF folder (default: converted SmolLM2)")
+    p.add_argument("--prompts", type=int, default=32)
+    p.add_argument("--tokens", type=int, default=128)
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--parity-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--enforce-eager", action="store_true")
+    p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--child", choices=list(VARIANTS), help=argparse.SUPPRESS)
+    p.add_argument("--mem-child", choices=list(VARIANTS), help=argparse.SUPPRESS)
+    p.add_argument("--memory-only", action="store_true", help="only the head-call table")
+    args = p.parse_args(argv)
+    if args.model is None:
+        from vllm_rl_compat.models import default_model_dir
+
+        args.model = str(default_model_dir())
+    if args.mem_child:
+        print(json.dumps(mem_child(args.mem_child, args.prompts)))
+        return 0
+    if args.memory_only:
+        print(json.dumps(head_memory(args.prompts), indent=1))
+        return 0
+    if args.child:
+        print(json.dumps(child(args.child, args)))
+        return 0
+    from vllm_rl_compat.parity.metrics import compute_metrics
+
+    results = {v: run_child(v, args) for v in args.variants.split(",")}
+    metrics = {}
+    for name, r in results.items():
+        ref = trainer_logprobs(args.model, r["rollouts"], args.temperature)
+        metrics[name] = vars(compute_metrics(ref, [x["logprobs"] for x in r["rollouts"]]))
+    memory = head_memory(args.prompts)
+    text = render(results, metrics, memory, args)
+    print(text)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text)
+        args.out.with_suffix(".json").write_text(json.dumps(
+            {"throughput": {k: {x: v[x] for x in ("tok_per_s", "times_s", "tokens")}
+                            for k, v in results.items()},
+             "parity": metrics, "memory": memory}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    if "--child" not in sys.argv:
+        os.environ["VLLM_RL_COMPAT"] = "1"
+    sys.exit(main())
