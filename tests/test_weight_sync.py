@@ -300,14 +300,37 @@ def test_tp2_broadcast_and_files(untied, monkeypatch):
         shutdown(eng)
 
 
-@pytest.mark.engine
-def test_switch_off_installs_no_extension(tiny_model):
-    from conftest import run_engine_subprocess
+_SWITCH_OFF_SCRIPT = """
+import json, sys
+from vllm import LLM, SamplingParams
+from vllm_rl_compat.weight_sync import WeightSync
+if __name__ == "__main__":
+    llm = LLM(model=sys.argv[1], dtype="bfloat16", max_model_len=256, enforce_eager=True)
+    out = llm.generate(["hello"], SamplingParams(max_tokens=2, ignore_eos=True),
+                       use_tqdm=False)[0].outputs[0]
+    try:
+        WeightSync(llm)
+        err = None
+    except RuntimeError as exc:
+        err = str(exc)
+    print("RESULT " + json.dumps({
+        "ext": llm.llm_engine.vllm_config.parallel_config.worker_extension_cls,
+        "tokens": len(out.token_ids), "error": err}), flush=True)
+    llm.llm_engine.engine_core.shutdown()
+"""
 
-    result = run_engine_subprocess(
-        {"model": tiny_model("llama-untied"), "engine_kwargs": {
-            "dtype": "bfloat16", "max_model_len": 256, "enforce_eager": True},
-         "prompts": ["hello"], "sampling": {"max_tokens": 2, "ignore_eos": True, "logprobs": 0}},
-        env={"VLLM_RL_COMPAT": "0"})
-    assert result["settings"]["worker_extension_cls"] == ""
-    assert len(result["outputs"][0]["token_ids"]) == 2
+
+@pytest.mark.engine
+def test_switch_off_installs_no_extension(tiny_model, tmp_path):
+    script = tmp_path / "switch_off.py"
+    script.write_text(_SWITCH_OFF_SCRIPT)
+    proc = subprocess.run([sys.executable, str(script), tiny_model("llama-untied")],
+                          capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "VLLM_RL_COMPAT": "0"})
+    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    assert line, proc.stderr[-3000:]
+    import json
+
+    result = json.loads(line[-1][len("RESULT "):])
+    assert result["ext"] == "" and result["tokens"] == 2
+    assert "worker extension is not installed" in result["error"]
