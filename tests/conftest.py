@@ -48,7 +48,11 @@ def run_engine_subprocess(request: dict[str, Any], env: dict[str, str],
     )
     if proc.returncode != 0:
         raise AssertionError(f"engine_runner failed:\n{proc.stderr[-4000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    from engine_runner import MARKER
+
+    lines = [line for line in proc.stdout.splitlines() if line.startswith(MARKER)]
+    assert lines, f"engine_runner printed no result:\n{proc.stdout[-4000:]}"
+    return json.loads(lines[-1][len(MARKER):])
 
 
 @pytest.fixture(scope="module")

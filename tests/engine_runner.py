@@ -11,6 +11,9 @@ from __future__ import annotations
 import json
 import sys
 
+# vLLM logs to stdout too (also after we print): the result line is marked.
+MARKER = "ENGINE_RUNNER_RESULT "
+
 
 def effective_settings(vllm_config) -> dict:
     return {
@@ -23,7 +26,9 @@ def effective_settings(vllm_config) -> dict:
 
 
 def sampled_logprobs(output) -> list[float]:
-    """The logprob the engine reported for each sampled token."""
+    """The logprob the engine reported for each sampled token (if requested)."""
+    if output.logprobs is None:
+        return []
     return [step[tok].logprob for tok, step in zip(output.token_ids, output.logprobs)]
 
 
@@ -72,7 +77,7 @@ def main() -> None:
         result = asyncio.run(run_async(request))
     else:
         result = run_offline(request)
-    print(json.dumps(result))
+    print(MARKER + json.dumps(result), flush=True)
 
 
 if __name__ == "__main__":
