@@ -80,6 +80,9 @@ def test_rows_ran_with_the_intended_engine_settings(check_run: dict) -> None:
     assert rl["logprobs_mode"] == "processed_logprobs"
     assert rl["enable_prefix_caching"] is False
     assert rl["async_scheduling"] is False
+    # RL rows sample after one weight reload through the weight-sync path.
+    assert rl["weight_update"]["version"] == 1
+    assert "weight_update" not in stock
 
 
 @pytest.mark.engine

@@ -18,7 +18,7 @@ from typing import Any
 
 from vllm_rl_compat.parity.metrics import MismatchMetrics, compute_metrics, token_deltas
 from vllm_rl_compat.parity.reference import ReferenceScorer, SamplingSpec
-from vllm_rl_compat.parity.rollout import RolloutResult, RolloutSpec, run_rollout
+from vllm_rl_compat.parity.rollout import RolloutResult, RolloutSpec, run_rollouts
 
 RL_ROW = "rl"
 
@@ -38,6 +38,12 @@ class RowDef:
         """RL mode is a per-process switch, so each row sets it explicitly."""
         return {"VLLM_RL_COMPAT": "1" if self.rl_mode else "0"}
 
+    @property
+    def weight_roundtrip(self) -> bool:
+        """RL rows with the weight-sync extension reload the weights once before
+        sampling, so the check also covers logprobs after a weight update."""
+        return self.rl_mode and self.rl_options.get("weight_sync", True)
+
     def all_engine_kwargs(self) -> dict[str, Any]:
         """Engine kwargs, with this row's ``rl_compat`` options when RL is on."""
         kwargs = dict(self.engine_kwargs)
@@ -55,7 +61,7 @@ ROWS: dict[str, RowDef] = {row.key: row for row in (
            {"disable_prefix_caching": False, "disable_async_scheduling": False},
            note="prefix caching + async scheduling back on"),
     RowDef("rl-weight_sync", "rl - weight_sync", True, {"weight_sync": False},
-           note="no weight-sync extension (no update happens in this check)"),
+           note="no weight-sync extension, so no weight reload before sampling"),
     RowDef("rl-fp32_head", "rl - fp32_head", True, {"fp32_head": "off"},
            note="lm_head in the model dtype"),
     RowDef("native-best", "native best", False, {},
@@ -111,10 +117,9 @@ def run_check(cfg: CheckConfig, progress: Progress = lambda msg: None) -> list[R
     unknown = [r for r in cfg.rows if r not in ROWS]
     if unknown:
         raise ValueError(f"unknown row(s) {', '.join(unknown)}; choose from {', '.join(ROWS)}")
-    rollouts = []
-    for i, key in enumerate(cfg.rows, 1):
-        progress(f"row {i}/{len(cfg.rows)}: {ROWS[key].label} (engine start + generate)")
-        rollouts.append(run_rollout(_rollout_spec(cfg, ROWS[key]), cfg.out / "rows", key))
+    items = [(key, _rollout_spec(cfg, ROWS[key])) for key in cfg.rows]
+    rollouts = run_rollouts(items, cfg.out / "rows", lambda i, key: progress(
+        f"row {i + 1}/{len(items)}: {ROWS[key].label} (engine start + generate)"))
     progress(f"scoring with the trainer reference ({cfg.reference})")
     spec = SamplingSpec(cfg.temperature, cfg.top_p, cfg.top_k)
     scorer = ReferenceScorer(cfg.model, cfg.reference, cfg.dtype, spec)
@@ -134,7 +139,7 @@ def _rollout_spec(cfg: CheckConfig, row: RowDef) -> RolloutSpec:
         top_p=cfg.top_p, top_k=cfg.top_k, max_tokens=cfg.max_tokens, seed=cfg.seed,
         dtype=cfg.dtype, max_model_len=cfg.max_model_len,
         enforce_eager=cfg.enforce_eager, env=env,
-        engine_kwargs=row.all_engine_kwargs(),
+        engine_kwargs=row.all_engine_kwargs(), weight_roundtrip=row.weight_roundtrip,
     )
 
 
