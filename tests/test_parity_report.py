@@ -48,7 +48,8 @@ def check_run(llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict
            "--fail-above", "clip_rate=0.5", "--fail-above", "kl_k3=0"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
                           env={**os.environ, "COLUMNS": "200"})
-    report = json.loads((out / "report.json").read_text()) if (out / "report.json").exists() else None
+    path = out / "report.json"
+    report = json.loads(path.read_text()) if path.exists() else None
     return {"proc": proc, "out": out, "report": report,
             "rows": {r["key"]: r for r in (report or {}).get("rows", [])}}
 

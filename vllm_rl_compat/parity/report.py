@@ -185,7 +185,8 @@ def render_table(results: Sequence[RowResult], epsilon: float) -> Any:
     return table
 
 
-def write_outputs(cfg: CheckConfig, results: Sequence[RowResult], elapsed_s: float) -> dict[str, Path]:
+def write_outputs(cfg: CheckConfig, results: Sequence[RowResult],
+                  elapsed_s: float) -> dict[str, Path]:
     """Write report.json, report.csv and report.png into ``cfg.out``."""
     cfg.out.mkdir(parents=True, exist_ok=True)
     paths = {"json": cfg.out / "report.json", "csv": cfg.out / "report.csv",
@@ -196,7 +197,8 @@ def write_outputs(cfg: CheckConfig, results: Sequence[RowResult], elapsed_s: flo
     return paths
 
 
-def _json_payload(cfg: CheckConfig, results: Sequence[RowResult], elapsed_s: float) -> dict[str, Any]:
+def _json_payload(cfg: CheckConfig, results: Sequence[RowResult],
+                  elapsed_s: float) -> dict[str, Any]:
     """Settings, per-row summaries and engine settings, and per-token data."""
     settings = {k: v for k, v in asdict(cfg).items() if k not in ("prompts", "out")}
     return {
@@ -248,7 +250,7 @@ def plot_report(results: Sequence[RowResult], path: Path, epsilon: float) -> Non
             axes[0].scatter(d, p + jitter, s=2, alpha=0.25)
     axes[0].set_xscale("log")
     axes[0].set_yticks(positions, labels)
-    axes[0].set_xlabel("per-token |logp_trainer - logp_engine| (box: 1-99%)")
+    axes[0].set_xlabel("per-token |logp_trainer - logp_engine| (box: 1-99%; exact matches at 1e-8)")
     _bars(axes[1], labels, [res.metrics.clip_rate for res in results],
           f"clip rate (|ratio - 1| > {epsilon})", log=False)
     _bars(axes[2], labels, [res.metrics.kl_k3 for res in results],
@@ -266,8 +268,13 @@ def _bars(ax: Any, labels: list[str], values: list[float | None], title: str, lo
     positions = np.arange(len(labels))[::-1]
     shown = [v if v is not None else 0.0 for v in values]
     if log:
+        from matplotlib.ticker import LogLocator, NullFormatter
+
         shown = [max(v, 1e-12) for v in shown]
         ax.set_xscale("log")
+        ax.set_xlim(min(shown) / 3, max(shown) * 8)  # room for the value labels
+        ax.xaxis.set_major_locator(LogLocator(base=10))
+        ax.xaxis.set_minor_formatter(NullFormatter())
     ax.barh(positions, shown, color="tab:orange")
     if not log:
         ax.set_xlim(0, max(max(shown), 1e-9) * 1.3)  # room for the value labels
