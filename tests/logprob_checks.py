@@ -41,4 +41,4 @@ def expected_logprobs(rows: torch.Tensor, tokens: list[int], temperature: float)
 
 
 def max_abs_diff(got: Sequence[float], want: torch.Tensor) -> float:
-    return (torch.tensor(got, dtype=torch.float64) - want).abs().max().item()
+    return (torch.as_tensor(got, dtype=torch.float64) - want).abs().max().item()

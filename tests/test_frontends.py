@@ -20,6 +20,7 @@ import urllib.request
 from typing import Any, Iterator
 
 import pytest
+import torch
 
 import engine_runner
 from conftest import ENGINE_KWARGS, run_engine_subprocess
@@ -30,9 +31,10 @@ pytestmark = pytest.mark.engine
 T = 0.7
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, a fox"]
 SAMPLING = {"temperature": T, "max_tokens": 8, "logprobs": 0, "seed": 1234}
-# Same engine, prefill (reference) vs decode (sampling) in bf16: measured
-# differences stay below 0.02; processed and raw logprobs differ by far more.
-TOL = 0.05
+# The reference comes from the RL engine (fp32 head), scoring prefill vs the
+# sampler's decode steps in a bf16 body: measured max differences 0.02 with an
+# fp32 head on both sides, 0.06 against a stock bf16 head (bf16-rounded logits).
+TOL = {"fp32_head": 0.05, "bf16_head": 0.15}
 USER_ARGS = {"logprobs_mode": "raw_logprobs", "enable_prefix_caching": True}
 STOCK = {"logprobs_mode": "raw_logprobs", "enable_prefix_caching": True,
          "worker_extension_cls": ""}
@@ -63,14 +65,20 @@ def assert_settings(settings: dict, want: dict) -> None:
 
 
 def assert_logprobs(llm: Any, outputs: list[dict], kind: str) -> None:
-    """Every sampled logprob equals the ``kind`` reference and not the other one."""
+    """Every sampled logprob equals the ``kind`` reference, and is far from the other.
+
+    RL mode (processed) runs the fp32 head like the reference engine; the
+    stock engine (raw) has a bf16 head, hence the two tolerances.
+    """
     other = {"raw": "processed", "processed": "raw"}[kind]
+    tol = TOL["fp32_head" if kind == "processed" else "bf16_head"]
     for out in outputs:
         assert len(out["token_ids"]) == SAMPLING["max_tokens"]
         want = expected_logprobs(raw_rows(llm, out["prompt_token_ids"], out["token_ids"]),
                                  out["token_ids"], T)
-        assert max_abs_diff(out["logprobs"], want[kind]) < TOL
-        assert max_abs_diff(out["logprobs"], want[other]) > 3 * TOL
+        got = torch.tensor(out["logprobs"], dtype=torch.float64)
+        assert max_abs_diff(got, want[kind]) < tol
+        assert (got - want[other]).abs().mean() > 4 * (got - want[kind]).abs().mean()
 
 
 def test_offline_rl_settings_override_explicit_user_values(rl_run) -> None:

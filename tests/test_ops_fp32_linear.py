@@ -327,7 +327,7 @@ def test_auto_uses_torch_on_cpu_and_autotune_is_off_when_interpreting(monkeypatc
     from vllm_rl_compat.ops.fp32_linear import resolve_impl
     assert resolve_impl("auto", torch.device("cpu")) == "torch"
     assert resolve_impl("auto", torch.device("cuda", 0)) == "triton"
-    monkeypatch.setenv(triton_mod.AUTOTUNE_ENV, "1")
+    monkeypatch.setenv("VLLM_RL_COMPAT_AUTOTUNE", "1")
     assert not triton_mod.autotune_enabled()  # the interpreter cannot time configs
 
 

@@ -70,7 +70,7 @@ import torch
 import triton
 import triton.language as tl
 
-AUTOTUNE_ENV = "VLLM_RL_COMPAT_AUTOTUNE"
+from vllm_rl_compat import envs
 
 MODE_NATIVE16 = 0  # same-dtype 16-bit operands, one tensor-core dot
 MODE_IEEE = 1  # fp32 x fp32, IEEE dot
@@ -214,7 +214,7 @@ def default_config(T: int, w_dtype: torch.dtype) -> LaunchConfig:
 
 def autotune_enabled() -> bool:
     """``VLLM_RL_COMPAT_AUTOTUNE=1`` and not interpreting (needs real timing)."""
-    return os.environ.get(AUTOTUNE_ENV, "0") == "1" and not interpreting()
+    return envs.VLLM_RL_COMPAT_AUTOTUNE and not interpreting()
 
 
 def interpreting() -> bool:
