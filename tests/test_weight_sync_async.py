@@ -44,6 +44,11 @@ async def _run(model_a: str, model_b: str) -> None:
         model=model_a, dtype="bfloat16", max_model_len=512, seed=0, enforce_eager=True,
         additional_config={"rl_compat": {"weight_version_start": 10}}))
     try:
+        # Before any WeightSync exists the engine already labels weight_version_start.
+        early = SamplingParams(max_tokens=4, ignore_eos=True)
+        async for out in engine.generate("before any update", early, "early"):
+            pass
+        assert token_versions(out.outputs[0]) == [(10, 0, 4)]
         sync = await AsyncWeightSync.create(engine)
         assert sync.version == 10
         states = [_state(model_b), _state(model_a)]

@@ -23,7 +23,8 @@ def register() -> None:
 
 @functools.lru_cache(maxsize=None)
 def _register_once() -> None:
-    from vllm_rl_compat import engine_settings, fp32_head
+    from vllm_rl_compat import engine_settings, fp32_head, weight_sync
 
     engine_settings.install()
     fp32_head.install()
+    weight_sync.install_version_label()

@@ -298,7 +298,7 @@ def token_versions(completion: Any) -> list[tuple[int, int, int]]:
     spans = getattr(completion, "weight_versions", None)
     if spans is None:
         raise ValueError("no weight versions on this output: it is not finished, or "
-                         "no WeightSync was attached to the engine when it ran")
+                         "the engine does not run in RL mode with weight_sync on")
     return [(int(s.version), s.start, s.end) for s in spans]
 
 
@@ -306,6 +306,34 @@ def _version_start(vllm_config: Any) -> int:
     from vllm_rl_compat.config import rl_config_from_additional
 
     return rl_config_from_additional(vllm_config.additional_config).weight_version_start
+
+
+def install_version_label() -> None:
+    """Engine core: label steps ``weight_version_start`` until the first update.
+
+    Why: vLLM's engine core starts with the opaque label ``"default"``, so
+    requests finishing before a ``WeightSync`` exists would carry no integer
+    version. What it changes: ``EngineCore._attach_weight_version`` replaces
+    ``"default"`` once, on the first step, when ``weight_sync`` is on; every
+    later label comes from ``set_weight_version``. Other processes never
+    call the patched method.
+    """
+    from vllm.v1.engine.core import EngineCore
+
+    original = EngineCore._attach_weight_version
+
+    def _attach_weight_version(self: Any, outputs: Any) -> None:
+        if self._weight_version == "default" and _weight_sync_on(self.vllm_config):
+            self._weight_version = str(_version_start(self.vllm_config))
+        original(self, outputs)
+
+    EngineCore._attach_weight_version = _attach_weight_version
+
+
+def _weight_sync_on(vllm_config: Any) -> bool:
+    from vllm_rl_compat.config import rl_config_from_additional
+
+    return rl_config_from_additional(vllm_config.additional_config).weight_sync
 
 
 def _initial_version(current: str, vllm_config: Any) -> tuple[int, bool]:
