@@ -96,7 +96,7 @@ def run_child(variant: str, args: argparse.Namespace) -> dict[str, Any]:
            "--temperature", str(args.temperature)]
     if args.enforce_eager:
         cmd.append("--enforce-eager")
-    env = {**os.environ, "VLLM_RL_COMPAT": "1"}
+    env = {"VLLM_CPU_KVCACHE_SPACE": "1", **os.environ, "VLLM_RL_COMPAT": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         raise RuntimeError(f"{variant} failed:\n{proc.stderr[-4000:]}")
