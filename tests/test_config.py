@@ -158,3 +158,10 @@ def test_info_command(capsys) -> None:
     assert "plugin: discovered (entry point vllm.general_plugins:rl_compat)" in out
     assert "switch VLLM_RL_COMPAT: on (RL mode)" in out
     assert "logprobs_mode = 'processed_logprobs'" in out
+
+
+def test_head_dtype_conflict_fails_before_any_change(tiny_model) -> None:
+    args = _args(tiny_model, enable_prefix_caching=True,
+                 hf_overrides={"head_dtype": "bfloat16"})
+    _create_fails(args, r"hf_overrides head_dtype='bfloat16' conflicts with "
+                        r"rl_compat\.fp32_head='compute'")

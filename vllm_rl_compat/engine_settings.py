@@ -84,8 +84,9 @@ SETTINGS: tuple[EnforcedSetting, ...] = (
                     accepts=_is_weight_sync_extension),
 )
 
-# Feature hooks: ``hook(args, cfg) -> str | None`` run after validation, before
-# vLLM builds its config; each may adjust ``args`` and returns a summary item.
+# Feature hooks: ``hook(args, cfg) -> str | None`` run after the options are
+# validated and before any field changes (a hook that raises leaves ``args``
+# untouched); each returns an item for the start-up summary line.
 ArgsHook = Callable[["EngineArgs", RLCompatConfig], "str | None"]
 ARGS_HOOKS: list[ArgsHook] = []
 
@@ -120,12 +121,13 @@ def prepare_engine_args(args: "EngineArgs") -> tuple[RLCompatConfig, list[str]]:
                 f"worker_extension_cls={cur!r} does not include the RL weight-sync "
                 f"extension: subclass {WORKER_EXTENSION} or set "
                 f"{CONFIG_KEY}.weight_sync=false.")
+    # Hooks validate too: they run before any field changes.
+    extras = [item for hook in ARGS_HOOKS if (item := hook(args, cfg))]
     for s, cur in todo:
         setattr(args, s.arg, s.value)
     for s, cur in explicit:
         logger.warning("RL mode overrides %s: you set %r, using %r.", s.arg, cur, s.value)
     args.additional_config = {**(args.additional_config or {}), CONFIG_KEY: cfg.to_dict()}
-    extras = [item for hook in ARGS_HOOKS if (item := hook(args, cfg))]
     return cfg, extras
 
 
