@@ -18,7 +18,6 @@ successfully and ``rl_compat_drop_staged`` otherwise.
 
 from __future__ import annotations
 
-import importlib
 import logging
 from typing import Any, Iterable, Iterator
 
@@ -162,15 +161,8 @@ def _copy_exact(model: Any, spec: Any, exact: list[tuple[str, Any]]) -> None:
 
 
 def _refresh_head(model: Any) -> bool:
-    """Call ``vllm_rl_compat.fp32_head.refresh_head(model)`` when it exists."""
-    try:
-        module = importlib.import_module("vllm_rl_compat.fp32_head")
-    except ModuleNotFoundError as exc:
-        if exc.name != "vllm_rl_compat.fp32_head":
-            raise
-        return False
-    refresh = getattr(module, "refresh_head", None)
-    if refresh is None:
-        return False
-    refresh(model)
+    """Bring the fp32 head's derived state in line with the new weights."""
+    from vllm_rl_compat.fp32_head import refresh_head
+
+    refresh_head(model)
     return True
