@@ -243,6 +243,23 @@ def _fp32_checkpoint(src: str, dst: Path, name: str) -> torch.Tensor:
     return tensors[name]
 
 
+def _update_keeps_fp32_head(llm: Any, model_dir: Path, name: str, new: torch.Tensor) -> None:
+    """A weight update through WeightSync (vLLM's layerwise reload) delivers an
+    fp32 head with bits below bf16 precision unrounded."""
+    from safetensors.torch import load_file
+
+    from vllm_rl_compat.weight_sync import WeightSync
+
+    (path,) = model_dir.glob("*.safetensors")
+    state = {**load_file(path), name: new}
+    assert not torch.equal(new.bfloat16().float(), new)
+    WeightSync(llm).update_from_tensors(state)
+    ranks = _run_probe(llm)
+    used = _unpack(ranks[0]["weight"])
+    assert used.dtype == torch.float32 and torch.equal(used[: new.shape[0]], new)
+    assert_exact(ranks)
+
+
 def _embed_sync(self: Any, new: Any) -> dict[str, Any]:
     """Worker: load a new fp32 embedding through vLLM's loader, then refresh."""
     model = self.model_runner.get_model()
@@ -285,6 +302,8 @@ def test_fp32_weights_mode(kind: str, name: str, tmp_path: Path, tiny_model: Cal
             (res,) = llm.collective_rpc(_embed_sync, args=(_pack(new),))
             assert res == {"loader_synced": True, "embed_rounded": True,
                            "refresh_rebuilt": True}
+        else:
+            _update_keeps_fp32_head(llm, tmp_path / kind, name, exact * (1 + 2.0 ** -10))
     finally:
         llm.llm_engine.engine_core.shutdown()
 
