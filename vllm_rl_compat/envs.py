@@ -35,8 +35,8 @@ def _switch() -> bool:
 
 
 def _cache_dir() -> Path:
-    default = Path.home() / ".cache" / "vllm-rl-compat"
-    return Path(os.environ.get("VLLM_RL_COMPAT_CACHE", default)).expanduser()
+    root = os.environ.get("VLLM_RL_COMPAT_CACHE") or "~/.cache/vllm-rl-compat"
+    return Path(root).expanduser()
 
 
 def _flag(name: str) -> Callable[[], bool]:

