@@ -84,11 +84,15 @@ def _probe_collect(self: Any, k: int = 5) -> dict[str, Any]:
         else:
             topk_ids, topk_vals = None, None
         raw = lp._apply_head(head, hidden, bias)
+    from vllm_rl_compat.ops.fp32_linear import resolve_impl
+
+    weight = fp32_head.head_weight(head)
     return {
         "cls": type(lp).__name__,
+        "impl": resolve_impl(lp.rl_impl, hidden, weight),
         "hidden": _pack(hidden),
         "logits": _pack(torch.cat([o for _, o in records])),
-        "weight": _pack(fp32_head.head_weight(head)),
+        "weight": _pack(weight),
         "param_dtype": str(head.weight.dtype),
         "bias": None if bias is None else _pack(bias),
         "soft_cap": lp.soft_cap, "scale": lp.scale, "org_vocab": lp.org_vocab_size,
@@ -195,12 +199,22 @@ def _one_engine(llm_factory: Callable[..., Any], model: str, **kwargs: Any) -> l
         llm.llm_engine.engine_core.shutdown()
 
 
+def _cpu_kernel() -> str:
+    """What ``auto`` runs for a bf16 head on this CPU."""
+    from vllm_rl_compat.ops import fp32_linear_cpu
+
+    return "brgemm" if fp32_linear_cpu.available() else "torch"
+
+
 @pytest.mark.engine
-@pytest.mark.parametrize("kind", ["llama-tied", "gptj-bias", "gemma2-softcap"])
-def test_head_exact(kind: str, tiny_model: Callable[..., str],
+@pytest.mark.parametrize("kind,impl", [("llama-tied", "auto"), ("gptj-bias", "auto"),
+                                       ("gemma2-softcap", "auto"), ("llama-untied", "torch")])
+def test_head_exact(kind: str, impl: str, tiny_model: Callable[..., str],
                     llm_factory: Callable[..., Any]) -> None:
-    ranks = _one_engine(llm_factory, tiny_model(kind))
+    ranks = _one_engine(llm_factory, tiny_model(kind),
+                        additional_config={"rl_compat": {"fp32_head_impl": impl}})
     assert ranks[0]["cls"] == "FP32HeadLogitsProcessor"
+    assert ranks[0]["impl"] == (_cpu_kernel() if impl == "auto" else impl)
     if kind == "gptj-bias":
         assert ranks[0]["bias"] is not None
     if kind == "gemma2-softcap":
@@ -219,6 +233,7 @@ def test_head_exact_tp2_padded_vocab(tiny_model: Callable[..., str],
     ranks = _one_engine(llm_factory, tiny_model("llama-oddvocab"), tensor_parallel_size=2,
                         distributed_executor_backend="mp")
     assert len(ranks) == 2 and ranks[0]["org_vocab"] % 64 != 0
+    assert ranks[0]["impl"] == _cpu_kernel()
     assert _full_head(ranks)[0].shape[0] > ranks[0]["org_vocab"]  # padding present
     stats = assert_exact(ranks)
     assert_greedy_paths(ranks)
@@ -375,9 +390,14 @@ def test_dispatch_and_head_dtype_rules() -> None:
 
     assert fp32_head.select_impl("cuda", "auto") == "triton"
     assert fp32_head.select_impl("cuda", "torch") == "torch"
-    assert fp32_head.select_impl("cpu", "auto") == "torch"
+    assert fp32_head.select_impl("cpu", "auto") == "auto"  # per call: brgemm or torch
+    assert fp32_head.select_impl("cpu", "torch") == "torch"
     with pytest.raises(ValueError, match="fp32_head_impl='triton'"):
         fp32_head.select_impl("cpu", "triton")
+    with pytest.raises(ValueError, match="fp32_head_impl='brgemm' is the CPU kernel"):
+        fp32_head.select_impl("cuda", "brgemm")
+    with pytest.raises(ValueError, match="fp32_head_impl='brgemm' takes bf16 weights"):
+        fp32_head.select_impl("cpu", "brgemm", "weights")
     fp32_head.check_head_dtype(torch.float32, torch.bfloat16, "compute")
     with pytest.raises(ValueError, match="head_dtype"):
         fp32_head.check_head_dtype(torch.float16, torch.bfloat16, "weights")

@@ -1,4 +1,5 @@
-"""Tests for ``vllm_rl_compat.ops.fp32_linear`` (Triton kernel under the interpreter + torch path).
+"""Tests for ``vllm_rl_compat.ops.fp32_linear``: the Triton kernel under the
+interpreter, the CPU brgemm kernel (bf16 x bf16) and the torch path.
 
 Error bound used throughout (Higham's worst case for recursive fp32 summation
 of n terms whose products are exact): with P the number of part-dot passes
@@ -26,7 +27,9 @@ import torch
 import torch.nn.functional as F
 
 from vllm_rl_compat.ops import fp32_linear
+from vllm_rl_compat.ops import fp32_linear_cpu as cpu_mod
 from vllm_rl_compat.ops import fp32_linear_torch as torch_mod
+from vllm_rl_compat.ops.fp32_linear import resolve_impl
 from vllm_rl_compat.ops import fp32_linear_triton as triton_mod
 
 
@@ -280,15 +283,17 @@ def test_mkldnn_precision_context_restores_on_error():
     assert torch.backends.mkldnn.matmul.fp32_precision == before
 
 
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("impl", IMPLS + ["brgemm"])
 def test_empty_dims(impl):
+    if impl == "brgemm":
+        _brgemm_or_skip()
     x = torch.zeros(0, 64, dtype=BF16)
     assert fp32_linear(x, torch.zeros(7, 64, dtype=BF16), impl=impl).shape == (0, 7)
     x = torch.randn(3, 64).to(BF16)
     assert fp32_linear(x, torch.zeros(0, 64, dtype=BF16), impl=impl).shape == (3, 0)
 
 
-@pytest.mark.parametrize("impl", IMPLS + ["auto"])
+@pytest.mark.parametrize("impl", IMPLS + ["auto", "brgemm"])
 def test_bad_inputs_raise_clear_errors(impl):
     x = torch.randn(3, 64).to(BF16)
     w = torch.randn(10, 64).to(BF16)
@@ -323,10 +328,11 @@ def test_bad_impl_and_triton_without_interpreter(monkeypatch):
         fp32_linear(x, w, impl="triton")
 
 
-def test_auto_uses_torch_on_cpu_and_autotune_is_off_when_interpreting(monkeypatch):
-    from vllm_rl_compat.ops.fp32_linear import resolve_impl
-    assert resolve_impl("auto", torch.device("cpu")) == "torch"
-    assert resolve_impl("auto", torch.device("cuda", 0)) == "triton"
+def test_auto_dispatch_and_autotune_is_off_when_interpreting(monkeypatch):
+    x, w = torch.randn(3, 64).to(BF16), torch.randn(10, 64).to(BF16)
+    assert resolve_impl("auto", x, w) == ("brgemm" if cpu_mod.available() else "torch")
+    assert resolve_impl("auto", x, w.float()) == "torch"  # fp32 weight: IEEE path
+    assert resolve_impl("auto", x.to("meta"), w.to("meta")) == "torch"
     monkeypatch.setenv("VLLM_RL_COMPAT_AUTOTUNE", "1")
     assert not triton_mod.autotune_enabled()  # the interpreter cannot time configs
 
@@ -398,3 +404,59 @@ def test_kernel_compiles_for_real_gpus_without_tf32():
             assert info["mma"] == [], key
         else:
             assert any(".f32.bf16.bf16" in m for m in info["mma"]), (key, info["mma"])
+
+
+# ---------------------------------------------------------------- CPU brgemm
+def _brgemm_or_skip():
+    if not cpu_mod.available():
+        pytest.skip("no C++ compiler or no bf16 brgemm (AVX512-BF16/AMX) on this CPU")
+
+
+# bf16 x bf16 only. T crosses the kernel's 16-token tile and 64-token block
+# edges; H includes the smallest even size; V includes 1, a non-multiple of
+# the 128/256-row vocabulary blocks and the SmolLM2 vocabulary + 13.
+BRGEMM_SHAPES = [
+    # T,  H,   V,    bias,  layout
+    (1, 64, 49165, False, "contig"),
+    (3, 576, 1000, True, "rows"),
+    (16, 2, 7, False, "contig"),
+    (17, 130, 1, True, "cols"),
+    (64, 576, 4099, False, "contig"),
+    (65, 66, 1000, True, "rows"),
+    (130, 576, 49165, False, "contig"),
+]
+
+
+@pytest.mark.parametrize("T,H,V,bias,layout", BRGEMM_SHAPES, ids=[
+    f"T{t}-H{h}-V{v}-{'bias' if bb else 'nobias'}-{lay}" for t, h, v, bb, lay in BRGEMM_SHAPES])
+def test_brgemm_shapes_and_layouts(T, H, V, bias, layout):
+    _brgemm_or_skip()
+    x, w, b = _make(T, H, V, BF16, BF16, bias=bias, seed=T * 5 + V, layout=layout)
+    assert resolve_impl("auto", x, w) == "brgemm"
+    _check(x, w, b, "brgemm")
+    _check(torch.randn(2 * T, H).to(BF16)[::2], w, b, "brgemm")  # row-strided x
+
+
+def test_brgemm_bound_catches_bf16_rounded_logits():
+    """The fp32 bound is tight enough that bf16-rounded logits (what the stock
+    bf16 head returns) fail it, so the shape tests would catch such a kernel."""
+    _brgemm_or_skip()
+    x, w, _ = _make(32, 576, 4096, BF16, BF16, bias=False, seed=9)
+    ref, mag = _reference(x, w, None)
+    bound = _bound(mag, 576, 1)
+    out = fp32_linear(x, w, impl="brgemm")
+    assert torch.all((out.double() - ref).abs() <= bound)
+    assert ((out.to(BF16).double() - ref).abs() > bound).any()
+
+
+@pytest.mark.parametrize("case", ["odd-H", "fp32-weight", "fp16", "H-strided-weight"])
+def test_brgemm_rejects_what_it_cannot_run(case):
+    """Inputs outside the kernel go to the torch path under ``auto`` and give a
+    clear error when ``brgemm`` is forced (never the kernel's SIGILL on odd H)."""
+    _brgemm_or_skip()
+    x, w = torch.randn(3, 64).to(BF16), torch.randn(10, 64).to(BF16)
+    x, w = {"odd-H": (x[:, :63], w[:, :63]), "fp32-weight": (x, w.float()),
+            "fp16": (x.half(), w.half()), "H-strided-weight": (x, w.t().contiguous().t())}[case]
+    assert resolve_impl("auto", x, w) == "torch"
+    with pytest.raises(ValueError, match="impl='brgemm' needs bf16 x and weight"):
+        fp32_linear(x, w, impl="brgemm")

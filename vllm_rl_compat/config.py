@@ -18,7 +18,7 @@ from typing import Any, Mapping
 CONFIG_KEY = "rl_compat"
 
 FP32_HEAD_MODES = ("compute", "weights", "off")
-FP32_HEAD_IMPLS = ("auto", "triton", "torch")
+FP32_HEAD_IMPLS = ("auto", "triton", "brgemm", "torch")
 
 
 def _opt(default: Any, help: str, choices: tuple[Any, ...] | None = None) -> Any:
@@ -50,8 +50,9 @@ class RLCompatConfig:
         "model-dtype weights, no fp32 weight copy; `weights`: the head weight "
         "is held in fp32; `off`: model-dtype head.", FP32_HEAD_MODES)
     fp32_head_impl: str = _opt(
-        "auto", "Projection implementation: `auto` (Triton kernel on CUDA, "
-        "torch elsewhere), `triton`, `torch`.", FP32_HEAD_IMPLS)
+        "auto", "Projection implementation: `auto` (Triton kernel on CUDA; on "
+        "CPU oneDNN's bf16 brgemm for bf16 weights, else the chunked torch path), "
+        "`triton`, `brgemm`, `torch`.", FP32_HEAD_IMPLS)
     weight_version_start: int = _opt(
         0, "Weight version reported before the first update; each successful "
         "update adds one.")

@@ -31,9 +31,11 @@ What it does not modify: the model body, the embedding lookup, the sampler,
 vLLM's own oneDNN handle for the head (still built, unused in ``compute`` and
 ``weights``), engines with ``fp32_head="off"`` or without ``VLLM_RL_COMPAT=1``.
 
-Transient memory (``compute`` on CPU): one fp32 chunk of 4096 vocabulary rows
-(4096 x H x 4 bytes, 9.4 MB for H=576) plus one fp32 copy of the hidden
-states; on CUDA none beyond the fp32 logits. ``weights`` holds V x H x 4 bytes
+Transient memory (``compute``) beyond the fp32 logits: on CPU with a bf16
+weight (oneDNN brgemm, ``ops/fp32_linear_cpu``) a packed copy of 64 token rows
+(64 x H x 2 bytes) and one 256 x 64 fp32 tile per thread; on the chunked torch
+fallback one fp32 chunk of 4096 vocabulary rows (4096 x H x 4 bytes, 9.4 MB
+for H=576) plus one fp32 copy of the hidden states; on CUDA none. ``weights`` holds V x H x 4 bytes
 (plus the same again in vLLM's oneDNN handle on CPU for an untied head).
 
 Fallbacks: a quantized head fails start-up with ``QuantizedHeadError`` (no
@@ -85,21 +87,36 @@ def check_head_supported(quant_method: Any, mode: str, where: str = "lm_head") -
         f"or set additional_config={{'{CONFIG_KEY}': {{'fp32_head': 'off'}}}}.")
 
 
-def select_impl(device_type: str, preference: str) -> str:
+def select_impl(device_type: str, preference: str, mode: str = "compute") -> str:
     """The ``fp32_linear`` implementation for a device: one decision point.
 
     CUDA: the Triton kernel (``auto``/``triton``) or ``torch``, which is
-    ``torch.mm(out_dtype=float32)`` for 16-bit weights. Elsewhere: ``torch``,
-    the chunked exact path (bf16 weights: oneDNN bf16 dot products with fp32
-    accumulation on fp32 chunks; fp32 weights: IEEE fp32).
+    ``torch.mm(out_dtype=float32)`` for 16-bit weights. CPU: ``auto`` keeps
+    the choice per call inside ``fp32_linear`` -- oneDNN's bf16 brgemm for a
+    bf16 weight (built here, at model construction, so a first-time compile
+    happens at start-up), the chunked torch path for an fp32 weight
+    (``weights`` mode) or where the kernel is unavailable; ``brgemm`` insists
+    on the kernel, ``torch`` on the chunked path.
     """
+    from vllm_rl_compat.ops import fp32_linear_cpu
+
+    def bad(why: str) -> ValueError:
+        return ValueError(f"{CONFIG_KEY}.fp32_head_impl={preference!r} {why}; use 'auto' or "
+                          f"'torch'.")
+
     if device_type == "cuda":
+        if preference == "brgemm":
+            raise bad("is the CPU kernel, this engine runs on 'cuda'")
         return "torch" if preference == "torch" else "triton"
     if preference == "triton":
-        raise ValueError(
-            f"{CONFIG_KEY}.fp32_head_impl='triton' needs a CUDA device, this engine "
-            f"runs on {device_type!r}; use 'auto' or 'torch'.")
-    return "torch"
+        raise bad(f"needs a CUDA device, this engine runs on {device_type!r}")
+    if preference == "brgemm" and mode == "weights":
+        raise bad(f"takes bf16 weights, but {CONFIG_KEY}.fp32_head='weights' holds fp32 weights")
+    if preference == "brgemm" and not fp32_linear_cpu.available():
+        raise bad("needs the CPU brgemm kernel, which is unavailable here (see the log)")
+    if preference == "auto":
+        fp32_linear_cpu.available()  # build now; falls back per call if unavailable
+    return preference
 
 
 def check_head_dtype(head_dtype: torch.dtype | None, model_dtype: torch.dtype,
@@ -145,7 +162,8 @@ def _logits_processor_class() -> type:
             self.rl_mode = cfg.fp32_head
             self.rl_impl = None
             if self.rl_mode != "off":
-                self.rl_impl = select_impl(current_platform.device_type, cfg.fp32_head_impl)
+                self.rl_impl = select_impl(current_platform.device_type, cfg.fp32_head_impl,
+                                           self.rl_mode)
                 model_config = _model_config()
                 if model_config is not None:
                     check_head_dtype(self.head_dtype, model_config.dtype, self.rl_mode)

@@ -4,7 +4,8 @@ Why: RL importance ratios compare sampler and trainer log-probs, so the
 LM-head projection must give the same fp32 logits a trainer computes in fp32,
 up to fp32 accumulation error, not bf16-rounded logits.  This is the public
 entry point; it validates arguments and dispatches to the Triton kernel
-(``fp32_linear_triton``) or the chunked pure-torch path (``fp32_linear_torch``).
+(``fp32_linear_triton``, CUDA), oneDNN's bf16 brgemm (``fp32_linear_cpu``,
+CPU, bf16 x bf16) or the chunked pure-torch path (``fp32_linear_torch``).
 
 Accepted layouts: ``x`` and ``weight`` may have any strides, including
 row-strided views such as ``W[::2]`` or a column slice of a wider matrix;
@@ -17,10 +18,11 @@ from __future__ import annotations
 
 import torch
 
+from . import fp32_linear_cpu
 from .fp32_linear_torch import fp32_linear_torch
 from .fp32_linear_triton import SUPPORTED_DTYPES, interpreting
 
-IMPLS = ("auto", "triton", "torch")
+IMPLS = ("auto", "triton", "brgemm", "torch")
 
 
 def _check_dtype(name: str, t: torch.Tensor) -> None:
@@ -57,14 +59,26 @@ def _validate(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
             raise ValueError(f"fp32_linear: bias is on {bias.device} but x is on {x.device}")
 
 
-def resolve_impl(impl: str, device: torch.device) -> str:
-    """``auto`` means Triton on CUDA tensors and torch everywhere else."""
+def resolve_impl(impl: str, x: torch.Tensor, weight: torch.Tensor) -> str:
+    """``auto``: Triton on CUDA; on CPU brgemm where it applies, else torch."""
     if impl == "auto":
-        return "triton" if device.type == "cuda" else "torch"
-    if impl == "triton" and device.type != "cuda" and not interpreting():
-        raise ValueError(f"fp32_linear: impl='triton' needs CUDA tensors (x is on {device}) "
+        if x.is_cuda:
+            return "triton"
+        return "brgemm" if _brgemm_applies(x, weight) else "torch"
+    if impl == "triton" and not x.is_cuda and not interpreting():
+        raise ValueError(f"fp32_linear: impl='triton' needs CUDA tensors (x is on {x.device}) "
                          f"or TRITON_INTERPRET=1 for the CPU interpreter")
+    if impl == "brgemm" and not _brgemm_applies(x, weight):
+        raise ValueError(f"fp32_linear: impl='brgemm' needs bf16 x and weight on a CPU with "
+                         f"bf16 brgemm, an even H and weight.stride(1) == 1 (got x {x.dtype} "
+                         f"on {x.device}, weight {weight.dtype} with stride "
+                         f"{tuple(weight.stride())}, H={x.shape[1]}, kernel available="
+                         f"{fp32_linear_cpu.available()})")
     return impl
+
+
+def _brgemm_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    return fp32_linear_cpu.eligible(x, weight) and fp32_linear_cpu.available()
 
 
 def fp32_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
@@ -80,10 +94,14 @@ def fp32_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     propagates; an inf may come out as NaN in mixed-dtype (split) mode.  The
     output is a new contiguous fp32 tensor; inputs are never modified or
     copied whole.
-    ``impl``: "auto" (Triton on CUDA, torch elsewhere), "triton" or "torch".
+    ``impl``: "auto" (Triton on CUDA; on CPU brgemm for bf16 x bf16, torch
+    otherwise), "triton", "brgemm" or "torch".
     """
     _validate(x, weight, bias, impl)
-    if resolve_impl(impl, x.device) == "triton":
+    resolved = resolve_impl(impl, x, weight)
+    if resolved == "triton":
         from .fp32_linear_triton import fp32_linear_triton
         return fp32_linear_triton(x, weight, bias)
+    if resolved == "brgemm":
+        return fp32_linear_cpu.fp32_linear_cpu(x, weight, bias)
     return fp32_linear_torch(x, weight, bias)

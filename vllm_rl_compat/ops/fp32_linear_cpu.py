@@ -1,0 +1,94 @@
+"""CPU fp32 projection through oneDNN's bf16 brgemm: host wrapper and build.
+
+Why: on CPU the exact fp32 head otherwise upcasts the bf16 weight chunk by
+chunk on every step (``fp32_linear_torch``); PyTorch exports oneDNN's
+batch-reduce GEMM micro-kernel (``at::native::cpublas::brgemm``) with bf16
+operands and an fp32 accumulator, but not to Python.  ``csrc/fp32_linear_cpu.cpp``
+is a ~70-line driver around it (the weight read in place as the A operand, the
+tokens VNNI-packed as B); this module compiles it once per torch version and
+source hash with ``torch.utils.cpp_extension.load`` into
+``$VLLM_RL_COMPAT_CACHE/torch_extensions`` (about 10 s, needs a C++ compiler),
+and loads it from there afterwards.
+
+Precision: bf16 x bf16 products are exact in fp32 and the micro-kernel
+accumulates in fp32, so the result is the exact dot product rounded only by
+fp32 accumulation (the same bound as ``fp32_linear_torch``).
+
+Memory: no copy of the weight; per call one packed copy of the token rows
+(64 x H bf16) and a 128-256 x 64 fp32 tile per thread.
+
+Fallback: ``available()`` is False (with the reason logged once) when there is
+no compiler, the build fails, or the CPU lacks bf16 brgemm (no AVX512-BF16 /
+AMX); callers then use ``fp32_linear_torch``.  Only bf16 x bf16 with unit
+stride along H and an even, non-zero H is handled here (``eligible``; VNNI
+packs pairs along H, and an odd H faults inside the AMX kernel).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger("vllm.rl_compat")
+
+SOURCE = Path(__file__).with_name("csrc") / "fp32_linear_cpu.cpp"
+
+
+def _build_dir() -> Path:
+    from vllm_rl_compat import envs
+
+    digest = hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:12]
+    tag = torch.__version__.replace("+", "_")
+    return envs.VLLM_RL_COMPAT_CACHE / "torch_extensions" / f"fp32_linear_cpu-{tag}-{digest}"
+
+
+@functools.lru_cache(maxsize=1)
+def build() -> None:
+    """Compile (first time) and load the extension; registers ``torch.ops.rl_compat``."""
+    from torch.utils.cpp_extension import load
+
+    build_dir = _build_dir()
+    build_dir.mkdir(parents=True, exist_ok=True)
+    load(name="rl_compat_fp32_linear_cpu", sources=[str(SOURCE)], build_directory=str(build_dir),
+         extra_cflags=["-O3"], is_python_module=False, verbose=False)
+
+
+@functools.lru_cache(maxsize=1)
+def available() -> bool:
+    """Whether the brgemm path can run here; the reason is logged once if not."""
+    try:
+        build()
+    except Exception as exc:  # no compiler, build error, unsupported toolchain
+        logger.warning("vllm-rl-compat: CPU fp32 head kernel unavailable (%s: %s); "
+                       "using the chunked torch path", type(exc).__name__, exc)
+        return False
+    if not torch.ops.rl_compat.bf16_brgemm_supported():
+        logger.info("vllm-rl-compat: this CPU has no bf16 brgemm (AVX512-BF16/AMX); "
+                    "using the chunked torch path for the fp32 head")
+        return False
+    return True
+
+
+def eligible(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """bf16 x bf16 on CPU, unit stride and even size along H: what the kernel takes."""
+    H = x.shape[1]
+    return (x.device.type == "cpu" and x.dtype == torch.bfloat16
+            and weight.dtype == torch.bfloat16 and weight.stride(1) == 1
+            and H > 0 and H % 2 == 0)
+
+
+def fp32_linear_cpu(x: torch.Tensor, weight: torch.Tensor,
+                    bias: torch.Tensor | None = None) -> torch.Tensor:
+    """fp32 ``x @ weight.T (+ bias)``; arguments validated by ``fp32_linear``."""
+    build()
+    out = torch.ops.rl_compat.bf16_linear_f32(x.contiguous(), weight)
+    return out if bias is None else out.add_(bias.to(torch.float32))
+
+
+if __name__ == "__main__":  # `python -m vllm_rl_compat.ops.fp32_linear_cpu`: prebuild
+    print("fp32_linear_cpu:", "available" if available() else "unavailable (see log)",
+          "in", _build_dir())
