@@ -11,6 +11,7 @@ import logging
 from pathlib import Path
 
 import pytest
+from kernel_support import brgemm_expected
 
 from conftest import ENGINE_KWARGS, run_engine_subprocess
 from vllm_rl_compat import envs, plugin
@@ -158,6 +159,8 @@ def test_info_command(capsys) -> None:
     assert "plugin: discovered (entry point vllm.general_plugins:rl_compat)" in out
     assert "switch VLLM_RL_COMPAT: on (RL mode)" in out
     assert "logprobs_mode = 'processed_logprobs'" in out
+    state = "ready" if brgemm_expected() else "unavailable"
+    assert f"CPU fp32 head kernel (oneDNN bf16 brgemm): {state}" in out
 
 
 def test_head_dtype_conflict_fails_before_any_change(tiny_model) -> None:

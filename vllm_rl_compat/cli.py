@@ -46,7 +46,16 @@ def info_lines() -> list[str]:
     ]
     lines += [f"  {s.arg} = {s.value!r}   ({s.fix})" for s in SETTINGS]
     lines.append(f"  lm_head = fp32 ({RLCompatConfig().fp32_head}) (fp32_head)")
+    lines.append(f"CPU fp32 head kernel (oneDNN bf16 brgemm): {_cpu_kernel_state()}")
     return lines
+
+
+def _cpu_kernel_state() -> str:
+    from vllm_rl_compat.ops import fp32_linear_cpu
+
+    if fp32_linear_cpu.available():
+        return f"ready ({fp32_linear_cpu.build_dir()})"
+    return "unavailable (see the warning above); CPU engines use the chunked torch path"
 
 
 def main(argv: list[str] | None = None) -> int:

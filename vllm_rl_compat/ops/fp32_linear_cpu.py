@@ -38,7 +38,7 @@ logger = logging.getLogger("vllm.rl_compat")
 SOURCE = Path(__file__).with_name("csrc") / "fp32_linear_cpu.cpp"
 
 
-def _build_dir() -> Path:
+def build_dir() -> Path:
     from vllm_rl_compat import envs
 
     digest = hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:12]
@@ -51,9 +51,9 @@ def build() -> None:
     """Compile (first time) and load the extension; registers ``torch.ops.rl_compat``."""
     from torch.utils.cpp_extension import load
 
-    build_dir = _build_dir()
-    build_dir.mkdir(parents=True, exist_ok=True)
-    load(name="rl_compat_fp32_linear_cpu", sources=[str(SOURCE)], build_directory=str(build_dir),
+    target = build_dir()
+    target.mkdir(parents=True, exist_ok=True)
+    load(name="rl_compat_fp32_linear_cpu", sources=[str(SOURCE)], build_directory=str(target),
          extra_cflags=["-O3"], is_python_module=False, verbose=False)
 
 
@@ -91,4 +91,4 @@ def fp32_linear_cpu(x: torch.Tensor, weight: torch.Tensor,
 
 if __name__ == "__main__":  # `python -m vllm_rl_compat.ops.fp32_linear_cpu`: prebuild
     print("fp32_linear_cpu:", "available" if available() else "unavailable (see log)",
-          "in", _build_dir())
+          "in", build_dir())
