@@ -155,6 +155,8 @@ def test_update_matches_fresh_engine_both_ways(untied):
     sync_a, sync_b = untied["sync_a"], untied["sync_b"]
     assert sync_a.version == 0 and sync_b.version == 0  # weight_version_start default
     assert sync_a.update_from_tensors(state_dict(untied["dir_b"])) == 1
+    fast = os.environ.get("VLLM_RL_COMPAT_FAST_RELOAD", "1") != "0"  # "0": fallback run
+    assert [r["fast"] for r in sync_a.last_apply] == [fast]  # fast_reload's path
     assert forced_logprobs(untied["eng_a"]) == untied["ref_b"]  # exact
     assert sync_b.update_from_files(untied["dir_a"]) == 1
     assert forced_logprobs(untied["eng_b"]) == untied["ref_a"]  # exact
@@ -265,6 +267,28 @@ def test_tied_embeddings_update_matches_fresh_engine(tiny_model):
                                       tensors["model.embed_tokens.weight"]})
         assert forced_logprobs(eng) == before
         sync.update_from_tensors(tensors)
+        assert forced_logprobs(eng) == ref_b  # exact
+    finally:
+        shutdown(eng)
+
+
+@pytest.mark.engine
+@pytest.mark.parametrize("fast", [True, False], ids=["fast", "layerwise"])
+def test_tied_model_dtype_head_follows_update(tiny_model, monkeypatch, fast):
+    """fp32 head off: the logits come from vLLM's packed lm_head, which a tied
+    model shares with the embedding; both apply paths must rebuild it."""
+    monkeypatch.setenv("VLLM_RL_COMPAT_FAST_RELOAD", "1" if fast else "0")
+    off = {"additional_config": {"rl_compat": {"fp32_head": "off"}}, **EAGER}
+    a, b = tiny_model("llama-tied", 0), tiny_model("llama-tied", 1)
+    eng_b = make_llm(b, **off)
+    ref_b = forced_logprobs(eng_b)
+    shutdown(eng_b)
+    eng = make_llm(a, **off)
+    try:
+        sync = WeightSync(eng)
+        assert max_diff(forced_logprobs(eng), ref_b) > 1.0
+        sync.update_from_files(b)
+        assert [r["fast"] for r in sync.last_apply] == [fast]
         assert forced_logprobs(eng) == ref_b  # exact
     finally:
         shutdown(eng)

@@ -374,6 +374,8 @@ class WeightSync:
         self._timeout = rpc_timeout
         self._lock = threading.Lock()
         self.last_pause_seconds: float | None = None  # pause-to-resume of the last update
+        # per worker, the last successful apply: {"rank", "head_refreshed", "fast"}
+        self.last_apply: list[dict[str, Any]] | None = None
         try:
             self.num_workers = len(llm.collective_rpc("rl_compat_ping"))
         except Exception as exc:  # noqa: BLE001
@@ -432,7 +434,7 @@ class WeightSync:
                     self._rpc("rl_compat_drop_staged")
                     raise _stage_failed(exc) from exc
                 try:
-                    self._rpc("rl_compat_apply_staged")
+                    self.last_apply = self._rpc("rl_compat_apply_staged")
                 except Exception as exc:  # noqa: BLE001
                     raise WeightSyncCorruptedError(
                         f"applying a validated update failed: {exc}") from exc
@@ -460,6 +462,8 @@ class AsyncWeightSync:
         self._timeout = rpc_timeout
         self._lock = asyncio.Lock()
         self.last_pause_seconds: float | None = None  # pause-to-resume of the last update
+        # per worker, the last successful apply: {"rank", "head_refreshed", "fast"}
+        self.last_apply: list[dict[str, Any]] | None = None
 
     @classmethod
     async def create(cls, engine: Any, *, rpc_timeout: float | None = None
@@ -520,7 +524,7 @@ class AsyncWeightSync:
                     await self._rpc("rl_compat_drop_staged")
                     raise _stage_failed(exc) from exc
                 try:
-                    await self._rpc("rl_compat_apply_staged")
+                    self.last_apply = await self._rpc("rl_compat_apply_staged")
                 except Exception as exc:  # noqa: BLE001
                     raise WeightSyncCorruptedError(
                         f"applying a validated update failed: {exc}") from exc

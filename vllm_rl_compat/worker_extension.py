@@ -14,6 +14,13 @@ which re-runs ``process_weights_after_loading``: CPU repacking, oneDNN
 handles), then refreshes derived lm_head state. The front end
 (``vllm_rl_compat.weight_sync``) calls apply only when every rank staged
 successfully and ``rl_compat_drop_staged`` otherwise.
+
+Apply path: on the CPU platform, for unquantized models made of packed
+linears, embeddings and plain layers, apply loads through
+``vllm_rl_compat.fast_reload`` (each tensor through its parameter's own
+weight loader, re-pack of exactly the changed layers, no re-allocation of the
+model); any other model uses the layerwise reload. The choice is made once
+per worker and returned by apply (``"fast": True/False``).
 """
 
 from __future__ import annotations
@@ -89,8 +96,43 @@ class WeightSyncExtension:
             raise RuntimeError("rl_compat_apply_staged: nothing is staged.")
         self._rl_compat_staged = None
         kind, payload = staged
-        spec = self._rl_compat_spec()
         model = self.model_runner.get_model()
+        fast = self._rl_compat_fast_reloader()
+        if fast is not None:
+            self._rl_compat_apply_fast(fast, model, _iter_payload(kind, payload))
+        else:
+            self._rl_compat_apply_layerwise(model, kind, payload)
+        refreshed = _refresh_head(model)
+        return {"rank": int(getattr(self, "rank", 0)), "head_refreshed": refreshed,
+                "fast": fast is not None}
+
+    def _rl_compat_fast_reloader(self) -> Any:
+        """The worker's ``FastReloader``, or ``None`` for the layerwise reload."""
+        if not hasattr(self, "_rl_compat_fast"):
+            from vllm_rl_compat.fast_reload import build_fast_reloader, fast_reload_blocker
+
+            reason = fast_reload_blocker(self.vllm_config)
+            fast = None
+            if reason is None:
+                fast, reason = build_fast_reloader(self.model_runner.get_model())
+            if fast is None:
+                logger.info("weight updates use vLLM's layerwise reload: %s", reason)
+            self._rl_compat_fast = fast
+        return self._rl_compat_fast
+
+    def _rl_compat_apply_fast(self, fast: Any, model: Any,
+                              weights: Iterable[tuple[str, Any]]) -> None:
+        from vllm.config import set_current_vllm_config
+
+        with set_current_vllm_config(self.vllm_config):
+            fast.apply(model, weights)
+        runner = self.model_runner  # what GPUModelRunner.reload_weights resets too
+        for reset in ("reset_lora_state", "reset_encoder_cache", "reset_mm_cache"):
+            if hasattr(runner, reset):
+                getattr(runner, reset)()
+
+    def _rl_compat_apply_layerwise(self, model: Any, kind: str, payload: Any) -> None:
+        spec = self._rl_compat_spec()
         exact: list[tuple[str, Any]] = []  # tensors re-copied into non-model-dtype params
 
         def weights() -> Iterator[tuple[str, Any]]:
@@ -101,8 +143,9 @@ class WeightSyncExtension:
 
         self.reload_weights(weights_iterator=weights(), is_checkpoint_format=True)
         _copy_exact(model, spec, exact)
-        refreshed = _refresh_head(model)
-        return {"rank": int(getattr(self, "rank", 0)), "head_refreshed": refreshed}
+        from vllm_rl_compat.fast_reload import rebuild_tied_heads
+
+        rebuild_tied_heads(model)
 
     # ---------------------------------------------------------- broadcast
     def rl_compat_connect_trainer(self, host: str, port: int, world_size: int,

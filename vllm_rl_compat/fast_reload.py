@@ -1,0 +1,277 @@
+"""Fast in-place apply of a validated full update on CPU (unquantized models).
+
+Why: profiling a full update of SmolLM2-135M (bf16, 257 MiB) showed that
+vLLM's generic layerwise reload (``Worker.reload_weights``) spends most of its
+time on work a value-only update does not need: it moves every layer to the
+meta device, re-allocates every parameter (fresh, page-faulting memory),
+buffers each loader call behind an ``inspect``-bound wrapper, loads, re-runs
+``process_weights_after_loading`` and copies the result back. The RPCs, the
+pause and the head refresh are below 3 ms together (numbers in
+``benchmarks/results/weight_sync_cpu.md``).
+
+What it does instead, when the model qualifies (``fast_reload_blocker``
+returns ``None``): the update is validated beforehand (every name, shape and
+dtype, ``weight_sync.WeightSpec``), so only values change. Every tensor goes
+through the model's own ``load_weights`` and each parameter's own
+``weight_loader`` (name mapping, qkv / gate_up stacking, TP sharding and the
+fp32 head's shadow loader stay vLLM's / ours), into:
+
+* packed CPU linears (``UnquantizedLinearMethod``; after loading, vLLM keeps
+  only a oneDNN / sgl packed copy and an empty ``weight``): a scratch tensor
+  of the original weight shape, re-used across layers and updates, installed
+  as the live parameter's data only while that layer loads. When the layer
+  has received all its elements (counted like vLLM's layerwise reload, with
+  its ``CopyCounter``), ``quant_method.process_weights_after_loading`` runs --
+  the same call the layerwise reload makes, so the same
+  ``dispatch_cpu_unquantized_gemm`` branch builds the packed weight from the
+  same values -- and the original (empty) parameter object is put back, as
+  the layerwise reload does.
+* every other parameter (embeddings, lm_head, norms): in place, then the
+  embedding-kind modules (``UnquantizedEmbeddingMethod``) re-run
+  ``process_weights_after_loading`` (their oneDNN handle). That includes a
+  tied lm_head, whose handle the layerwise reload leaves built from the old
+  weights (it sees no tensor for that module).
+
+Memory: one scratch tensor per distinct packed weight shape stays allocated
+between updates (SmolLM2-135M: four shapes, 7.3 MB); while an update loads,
+one more per layer being filled (files and trainer streams come layer by
+layer). vLLM's layerwise reload allocates every layer's full weights afresh
+on each update instead.
+
+What it does not modify: attention layers (no tensors in an unquantized
+checkpoint; the layerwise reload re-runs their processing, which re-sets the
+unit kv scales they already hold), buffers (rotary caches), parameters that
+are not in the update, anything outside the model.
+
+Fallback: the whole update goes through vLLM's layerwise reload when the
+model does not qualify: not the CPU platform (or the zentorch CPU path), a
+quantization or kv-cache quantization config, or any module holding
+parameters that is not one of the three kinds above (a custom quant method,
+an MLA ``_cpu_skip_gemm_dispatch`` layer, a layer with its own
+``process_weights_after_loading``, a weight vLLM left unpacked). The decision
+is per model, made once per worker and logged; ``VLLM_RL_COMPAT_FAST_RELOAD=0``
+forces the fallback (for comparisons).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
+
+import torch
+
+logger = logging.getLogger("vllm.rl_compat")
+
+ENV_SWITCH = "VLLM_RL_COMPAT_FAST_RELOAD"
+
+
+@dataclass
+class _Packed:
+    """One packed CPU linear: its live (empty) weight parameter and load state."""
+
+    layer: torch.nn.Module
+    param: torch.nn.Parameter  # the live weight between updates (numel 0)
+    meta: torch.Tensor  # original weight (class, attributes, shape), recorded by vLLM
+    loading: torch.nn.Parameter | None = None  # stands in for ``param`` during an apply
+    loaded: int = 0
+    active: bool = False
+
+
+@dataclass
+class FastReloader:
+    """Per-worker plan (built once) plus a pool of re-used scratch tensors."""
+
+    packed: list[_Packed]
+    embeddings: list[torch.nn.Module]
+    pool: dict[tuple, list[torch.Tensor]] = field(default_factory=dict)
+
+    def apply(self, model: torch.nn.Module, weights: Iterable[tuple[str, Any]]) -> None:
+        """Load ``weights`` (a validated full update) in place; see module doc."""
+        for entry in self.packed:
+            entry.loading = self._loading_param(entry)
+            entry.layer.weight = entry.loading
+        try:
+            with torch.no_grad():
+                model.load_weights(weights)
+                for entry in self.packed:
+                    if entry.active:  # not every element loaded (padding): as vLLM does
+                        self._finish(entry)
+                rebuild_packed_heads(self.embeddings)
+        finally:
+            for entry in self.packed:
+                if entry.active:
+                    self._release(entry)
+                entry.layer.weight = entry.param
+                entry.loading = None
+            for free in self.pool.values():  # keep one scratch tensor per shape
+                del free[1:]
+
+    def _loading_param(self, entry: _Packed) -> torch.nn.Parameter:
+        """A parameter like the one vLLM loaded into at start-up (class, loader
+        attributes), without storage until its first loader call."""
+        from vllm.model_executor.model_loader.weight_utils import default_weight_loader
+
+        param = torch.nn.Parameter(torch.empty(0, dtype=entry.meta.dtype), requires_grad=False)
+        param.__class__ = entry.meta.__class__
+        param.__dict__ = _restored_attrs(entry.meta, entry.layer)
+        loader = getattr(param, "weight_loader", default_weight_loader)
+        param.weight_loader = self._counting_loader(entry, loader)
+        return param
+
+    def _counting_loader(self, entry: _Packed, loader: Callable[..., Any]) -> Callable[..., Any]:
+        from vllm.model_executor.model_loader.reload.meta import CopyCounter
+
+        total = entry.meta.numel()
+
+        def weight_loader(*args: Any, **kwargs: Any) -> Any:
+            if not entry.active:
+                entry.loading.data = self._take(entry.meta)
+                entry.loaded, entry.active = 0, True
+            with CopyCounter() as counter:
+                result = loader(*args, **kwargs)
+            entry.loaded += min(counter.copied_numel, total)
+            if entry.loaded >= total:
+                self._finish(entry)
+            return result
+
+        return weight_loader
+
+    def _finish(self, entry: _Packed) -> None:
+        """Re-pack a loaded layer, then put its live (empty) parameter back."""
+        layer = entry.layer
+        layer.__dict__.pop("cpu_linear", None)  # frees the old handle: its memory is re-used
+        layer.quant_method.process_weights_after_loading(layer)
+        if layer.weight is entry.loading:
+            raise RuntimeError(f"{type(layer).__name__}: vLLM kept this weight unpacked "
+                               f"on reload; the fast path does not apply")
+        self._release(entry)
+        layer.weight = entry.param
+
+    def _release(self, entry: _Packed) -> None:
+        scratch = entry.loading.data
+        entry.loading.data = torch.empty(0, dtype=entry.meta.dtype)
+        entry.active = False
+        self.pool.setdefault(_key(entry.meta), []).append(scratch)
+
+    def _take(self, meta: torch.Tensor) -> torch.Tensor:
+        free = self.pool.get(_key(meta))
+        if free:
+            return free.pop()
+        return torch.empty_strided(tuple(meta.size()), tuple(meta.stride()),
+                                   dtype=meta.dtype, device="cpu")
+
+
+def _key(meta: torch.Tensor) -> tuple:
+    return tuple(meta.size()), tuple(meta.stride()), meta.dtype
+
+
+def rebuild_packed_heads(modules: list[torch.nn.Module]) -> None:
+    """Re-run ``process_weights_after_loading`` of embedding-kind modules (on CPU:
+    their oneDNN handle for use as a head); modules sharing one weight parameter
+    (a tied lm_head) share the rebuilt ``cpu_linear``."""
+    built: dict[int, torch.nn.Module] = {}
+    for module in modules:
+        first = built.get(id(module.weight))
+        if (first is not None and getattr(module, "bias", None) is None
+                and "cpu_linear" in first.__dict__):
+            module.cpu_linear = first.cpu_linear
+            continue
+        module.__dict__.pop("cpu_linear", None)  # frees the old handle first
+        module.quant_method.process_weights_after_loading(module)
+        built[id(module.weight)] = module
+
+
+def rebuild_tied_heads(model: torch.nn.Module) -> int:
+    """After vLLM's layerwise reload: rebuild the packed state of embedding-kind
+    modules that share their weight with another module. The reload processes
+    only the module the checkpoint names (the embedding), so a tied lm_head kept
+    a oneDNN handle of the old weights. Returns how many groups were rebuilt."""
+    groups: dict[int, list[torch.nn.Module]] = {}
+    for module in model.modules():
+        if _module_kind(module, dict(module.named_parameters(recurse=False))) == "embedding":
+            groups.setdefault(id(module.weight), []).append(module)
+    tied = [g for g in groups.values() if len(g) > 1]
+    for group in tied:
+        rebuild_packed_heads(group)
+    return len(tied)
+
+
+# ------------------------------------------------------------------ decision
+def fast_reload_blocker(vllm_config: Any) -> str | None:
+    """Why this engine cannot use the fast path (``None``: it can)."""
+    from vllm.platforms import current_platform
+
+    if os.environ.get(ENV_SWITCH, "1") == "0":
+        return f"{ENV_SWITCH}=0"
+    if not current_platform.is_cpu() or current_platform.is_zen_cpu():
+        return "not the plain CPU platform"
+    if vllm_config.model_config.quantization is not None:
+        return "quantized model"
+    if str(vllm_config.cache_config.cache_dtype) != "auto":
+        return "quantized kv cache"
+    return None
+
+
+def build_fast_reloader(model: torch.nn.Module) -> tuple[FastReloader | None, str]:
+    """A plan for ``model``, or ``None`` and the first module that blocks it."""
+    packed: list[_Packed] = []
+    embeddings: list[torch.nn.Module] = []
+    for name, module in model.named_modules():
+        params = dict(module.named_parameters(recurse=False))
+        if not params:
+            continue
+        kind = _module_kind(module, params)
+        if kind is None:
+            return None, f"module {name or '<root>'} ({type(module).__name__})"
+        if kind == "packed":
+            packed.append(_packed_entry(module))
+        elif kind == "embedding":
+            embeddings.append(module)
+    return FastReloader(packed, embeddings), ""
+
+
+def _module_kind(module: torch.nn.Module, params: dict[str, torch.Tensor]) -> str | None:
+    from vllm.model_executor.layers.linear import UnquantizedLinearMethod
+    from vllm.model_executor.layers.vocab_parallel_embedding import (
+        UnquantizedEmbeddingMethod,
+    )
+
+    method = type(getattr(module, "quant_method", None))
+    if method is UnquantizedLinearMethod:
+        ok = (set(params) <= {"weight", "bias"} and params["weight"].numel() == 0
+              and not getattr(module, "_cpu_skip_gemm_dispatch", False)
+              and _recorded_weight(module) is not None)
+        return "packed" if ok else None
+    if method is UnquantizedEmbeddingMethod:
+        return "embedding"
+    if getattr(module, "quant_method", None) is None and not hasattr(
+            module, "process_weights_after_loading"):
+        return "plain" if all(p.numel() > 0 for p in params.values()) else None
+    return None
+
+
+def _recorded_weight(module: torch.nn.Module) -> torch.Tensor | None:
+    """The weight's meta tensor vLLM recorded at load time (before packing)."""
+    from vllm.model_executor.model_loader.reload.layerwise import LAYERWISE_INFO
+
+    info = LAYERWISE_INFO.get(module)
+    meta = info.restore_metadata[0].get("weight") if info is not None else None
+    return meta if meta is not None and meta.numel() > 0 else None
+
+
+def _restored_attrs(meta: torch.Tensor, layer: torch.nn.Module) -> dict[str, Any]:
+    """``meta``'s attributes with loader methods re-bound to ``layer`` (vLLM stores
+    them unbound from the layer, ``reload.sanitize``)."""
+    from types import MethodType
+
+    from vllm.model_executor.model_loader.reload.sanitize import layer_ref_sentinel
+
+    return {key: value.__func__.__get__(layer)
+            if isinstance(value, MethodType) and value.__self__ is layer_ref_sentinel
+            else value for key, value in meta.__dict__.items()}
+
+
+def _packed_entry(module: torch.nn.Module) -> _Packed:
+    return _Packed(module, module.weight, _recorded_weight(module))
