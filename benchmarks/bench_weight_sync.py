@@ -9,6 +9,12 @@ ratio to copying the same number of bytes in memory on this machine
 source the time to write the shared-memory file (before the pause) is
 reported separately.
 
+The apply path is ``vllm_rl_compat.fast_reload`` when the model qualifies;
+unless ``--no-layerwise`` is given, a second engine started with
+``VLLM_RL_COMPAT_FAST_RELOAD=0`` measures the tensors and files sources again
+through vLLM's layerwise reload (the path before ``fast_reload``), in the same
+run, so the two are compared under the same machine load.
+
 Run: ``VLLM_RL_COMPAT=1 python benchmarks/bench_weight_sync.py [--repeats 5]``
 (prints a markdown table; not a test).
 """
@@ -50,72 +56,109 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--chunk-mb", type=int, default=64)
-    args = ap.parse_args()
-
-    import torch
+def load_state(model: str) -> dict:
     from safetensors.torch import load_file
-    from vllm import LLM
 
-    from vllm_rl_compat.models import default_model_dir
-    from vllm_rl_compat.weight_sync import WeightSync, _remove_shm, _write_shm, safetensors_files
+    from vllm_rl_compat.weight_sync import safetensors_files
 
-    model = str(default_model_dir())
-    llm = LLM(model=model, dtype="bfloat16", max_model_len=512, seed=0, enforce_eager=True)
-    sync = WeightSync(llm)
     state = {}
     for f in safetensors_files(model):
         state.update(load_file(str(f)))
-    nbytes = sync.spec.total_bytes
-    copy_s = memcpy_seconds(nbytes)
+    return state
+
+
+def make_engine(model: str):
+    from vllm import LLM
+
+    from vllm_rl_compat.weight_sync import WeightSync
+
+    llm = LLM(model=model, dtype="bfloat16", max_model_len=512, seed=0, enforce_eager=True)
+    return llm, WeightSync(llm)
+
+
+def timed_updates(sync, fn, repeats: int) -> list[float]:
+    times = []
+    for _ in range(repeats):
+        fn()
+        times.append(sync.last_pause_seconds)
+    return times
+
+
+def apply_path(sync) -> str:
+    return "fast_reload" if all(r["fast"] for r in sync.last_apply) else "layerwise reload"
+
+
+def bench_sources(model: str, state: dict, args, label: str, broadcast: bool
+                  ) -> tuple[list[tuple], object]:
+    """Rows ``(source, times, notes)`` of one engine; returns them and its sync."""
+    from vllm_rl_compat.weight_sync import _remove_shm, _write_shm
+
+    llm, sync = make_engine(model)
     rows = []
-
-    def run(name: str, fn, extra: str = "") -> None:
-        times = []
-        for _ in range(args.repeats):
-            fn()
-            times.append(sync.last_pause_seconds)
-        med = statistics.median(times)
-        rows.append((name, med, min(times), med / copy_s, extra))
-
     pairs = list(state.items())
     write_times = []
     for _ in range(3):
         t0 = time.perf_counter()
         _remove_shm(_write_shm(pairs))
         write_times.append(time.perf_counter() - t0)
-    run("in-process tensors", lambda: sync.update_from_tensors(state),
-        f"+ {statistics.median(write_times) * 1e3:.0f} ms shm write before the pause")
-    run("safetensors folder", lambda: sync.update_from_files(model))
+    times = timed_updates(sync, lambda: sync.update_from_tensors(state), args.repeats)
+    rows.append((f"in-process tensors{label}", times, f"{apply_path(sync)}; + "
+                 f"{statistics.median(write_times) * 1e3:.0f} ms shm write before the pause"))
+    times = timed_updates(sync, lambda: sync.update_from_files(model), args.repeats)
+    rows.append((f"safetensors folder{label}", times, apply_path(sync)))
+    if broadcast:
+        times = timed_updates(sync, lambda: broadcast_once(sync, model, args), args.repeats)
+        rows.append((f"trainer broadcast (gloo){label}", times,
+                     f"{apply_path(sync)}; chunks of {args.chunk_mb} MiB; staging "
+                     f"{sync.spec.total_bytes / 2**20:.0f} MiB per worker"))
+    llm.llm_engine.engine_core.shutdown()
+    return rows, sync
 
+
+def broadcast_once(sync, model: str, args) -> None:
     port = free_port()
-    trainers = []
+    trainer = subprocess.Popen(
+        [sys.executable, str(TRAINER), "127.0.0.1", str(port), str(sync.num_workers),
+         model, "ok", "60", str(args.chunk_mb << 20)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # Each trainer run joins a fresh group; its start-up (imports, reading
+    # the state dict) happens before the pause: connect, then update.
+    sync.connect_trainer("127.0.0.1", port, timeout=120)
+    sync.update_from_trainer()
+    trainer.wait(60)
+    sync.disconnect_trainer()
 
-    def bcast() -> None:
-        trainers.append(subprocess.Popen(
-            [sys.executable, str(TRAINER), "127.0.0.1", str(port), str(sync.num_workers),
-             model, "ok", "60", str(args.chunk_mb << 20)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-        # Each trainer run joins a fresh group; its start-up (imports, reading
-        # the state dict) happens before the pause: connect, then update.
-        sync.connect_trainer("127.0.0.1", port, timeout=120)
-        sync.update_from_trainer()
-        trainers[-1].wait(60)
-        sync.disconnect_trainer()
 
-    run("trainer broadcast (gloo)", bcast, f"chunks of {args.chunk_mb} MiB; staging "
-        f"{nbytes / 2**20:.0f} MiB per worker")
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--chunk-mb", type=int, default=64)
+    ap.add_argument("--no-layerwise", action="store_true",
+                    help="skip the second engine that measures vLLM's layerwise reload")
+    args = ap.parse_args()
+
+    import torch
+
+    from vllm_rl_compat.models import default_model_dir
+
+    model = str(default_model_dir())
+    state = load_state(model)
+    rows, sync = bench_sources(model, state, args, "", broadcast=True)
+    if not args.no_layerwise:
+        os.environ["VLLM_RL_COMPAT_FAST_RELOAD"] = "0"  # read by the new engine's workers
+        more, _ = bench_sources(model, state, args, " (layerwise fallback)", broadcast=False)
+        rows += more
+    nbytes = sync.spec.total_bytes
+    copy_s = memcpy_seconds(nbytes)
     print(f"\nSmolLM2-135M bf16: {nbytes / 2**20:.1f} MiB, {len(state)} tensors; "
           f"memcpy of the same bytes: {copy_s * 1e3:.1f} ms (median of 10); "
           f"torch {torch.__version__}, {os.cpu_count()} CPUs, repeats {args.repeats}\n")
     print("| source | pause-to-resume median (ms) | min (ms) | ratio to memcpy | notes |")
     print("|---|---|---|---|---|")
-    for name, med, mn, ratio, extra in rows:
-        print(f"| {name} | {med * 1e3:.0f} | {mn * 1e3:.0f} | {ratio:.1f}x | {extra} |")
-    llm.llm_engine.engine_core.shutdown()
+    for name, times, extra in rows:
+        med = statistics.median(times)
+        print(f"| {name} | {med * 1e3:.0f} | {min(times) * 1e3:.0f} | "
+              f"{med / copy_s:.1f}x | {extra} |")
 
 
 if __name__ == "__main__":
