@@ -27,6 +27,7 @@ from typing import Any, Callable
 
 import pytest
 import torch
+from kernel_support import brgemm_expected
 
 from vllm_rl_compat import fp32_head
 
@@ -200,10 +201,8 @@ def _one_engine(llm_factory: Callable[..., Any], model: str, **kwargs: Any) -> l
 
 
 def _cpu_kernel() -> str:
-    """What ``auto`` runs for a bf16 head on this CPU."""
-    from vllm_rl_compat.ops import fp32_linear_cpu
-
-    return "brgemm" if fp32_linear_cpu.available() else "torch"
+    """What ``auto`` must run for a bf16 head on this CPU."""
+    return "brgemm" if brgemm_expected() else "torch"
 
 
 @pytest.mark.engine
@@ -258,21 +257,24 @@ def _fp32_checkpoint(src: str, dst: Path, name: str) -> torch.Tensor:
     return tensors[name]
 
 
-def _update_keeps_fp32_head(llm: Any, model_dir: Path, name: str, new: torch.Tensor) -> None:
-    """A weight update through WeightSync (vLLM's layerwise reload) delivers an
-    fp32 head with bits below bf16 precision unrounded."""
+def _update_keeps_fp32_head(llm: Any, model_dir: Path, name: str,
+                            new: torch.Tensor) -> list[dict[str, Any]]:
+    """A weight update through WeightSync (vLLM's layerwise reload) reaches the
+    head unrounded: an fp32 head keeps its bits below bf16 precision, a tied
+    head's fp32 copy follows the new embedding."""
     from safetensors.torch import load_file
 
     from vllm_rl_compat.weight_sync import WeightSync
 
     (path,) = model_dir.glob("*.safetensors")
     state = {**load_file(path), name: new}
-    assert not torch.equal(new.bfloat16().float(), new)
-    WeightSync(llm).update_from_tensors(state)
+    sync = WeightSync(llm)
+    sync.update_from_tensors(state)
     ranks = _run_probe(llm)
     used = _unpack(ranks[0]["weight"])
-    assert used.dtype == torch.float32 and torch.equal(used[: new.shape[0]], new)
+    assert used.dtype == torch.float32 and torch.equal(used[: new.shape[0]], new.float())
     assert_exact(ranks)
+    return sync.last_apply
 
 
 def _embed_sync(self: Any, new: Any) -> dict[str, Any]:
@@ -293,10 +295,16 @@ def _embed_sync(self: Any, new: Any) -> dict[str, Any]:
 
 
 @pytest.mark.engine
-@pytest.mark.parametrize("kind,name", [("llama-untied", "lm_head.weight"),
-                                       ("llama-tied", "model.embed_tokens.weight")])
-def test_fp32_weights_mode(kind: str, name: str, tmp_path: Path, tiny_model: Callable[..., str],
-                           llm_factory: Callable[..., Any]) -> None:
+@pytest.mark.parametrize("kind,name,fast_reload", [
+    ("llama-untied", "lm_head.weight", "1"),
+    ("llama-tied", "model.embed_tokens.weight", "1"),
+    # vLLM's layerwise reload replays the embedding's (wrapped) loader by
+    # signature: the shadow wrapper must keep working there too.
+    ("llama-tied", "model.embed_tokens.weight", "0")])
+def test_fp32_weights_mode(kind: str, name: str, fast_reload: str, tmp_path: Path,
+                           tiny_model: Callable[..., str], llm_factory: Callable[..., Any],
+                           monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("VLLM_RL_COMPAT_FAST_RELOAD", fast_reload)  # read by the workers
     exact = _fp32_checkpoint(tiny_model(kind), tmp_path / kind, name)
     llm = llm_factory(str(tmp_path / kind), **ENGINE,
                       additional_config={"rl_compat": {"fp32_head": "weights"}})
@@ -317,8 +325,14 @@ def test_fp32_weights_mode(kind: str, name: str, tmp_path: Path, tiny_model: Cal
             (res,) = llm.collective_rpc(_embed_sync, args=(_pack(new),))
             assert res == {"loader_synced": True, "embed_rounded": True,
                            "refresh_rebuilt": True}
+            # Through WeightSync (layerwise reload) the embedding arrives in its
+            # own dtype; the head's fp32 copy must follow it.
+            new = (exact * (1 - 2.0 ** -8)).bfloat16()
         else:
-            _update_keeps_fp32_head(llm, tmp_path / kind, name, exact * (1 + 2.0 ** -10))
+            new = exact * (1 + 2.0 ** -10)
+            assert not torch.equal(new.bfloat16().float(), new)
+        applied = _update_keeps_fp32_head(llm, tmp_path / kind, name, new)
+        assert [r["fast"] for r in applied] == [fast_reload == "1"]
     finally:
         llm.llm_engine.engine_core.shutdown()
 

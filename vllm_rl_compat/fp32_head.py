@@ -239,20 +239,23 @@ def tie_fp32_shadow(head: torch.nn.Module, embed: torch.nn.Module,
     from vllm.model_executor.model_loader.weight_utils import default_weight_loader
 
     head.__dict__[SHADOW_ATTR] = fp32_param
-    param = embed.weight
-    base: Callable[..., Any] = getattr(param, "weight_loader", default_weight_loader)
+    embed_param = embed.weight
+    base: Callable[..., Any] = getattr(embed_param, "weight_loader", default_weight_loader)
     if getattr(base, "_rl_compat_shadow", False):
         return
 
-    def weight_loader(target: torch.Tensor, loaded_weight: torch.Tensor, *args: Any,
+    # The first argument must be called ``param``: vLLM's layerwise reload
+    # binds loader calls by signature and swaps ``arguments["param"]`` for the
+    # materialised tensor when it replays them.
+    def weight_loader(param: torch.Tensor, loaded_weight: torch.Tensor, *args: Any,
                       **kwargs: Any) -> Any:
-        result = base(target, loaded_weight, *args, **kwargs)
+        result = base(param, loaded_weight, *args, **kwargs)
         if not loaded_weight.is_meta:
             _load_shadow(head, loaded_weight)
         return result
 
     weight_loader._rl_compat_shadow = True  # type: ignore[attr-defined]
-    param.weight_loader = weight_loader
+    embed_param.weight_loader = weight_loader
 
 
 def refresh_head(model: torch.nn.Module) -> None:
