@@ -39,8 +39,8 @@ def _cache_dir() -> Path:
     return Path(root).expanduser()
 
 
-def _flag(name: str) -> Callable[[], bool]:
-    return lambda: os.environ.get(name, "0").strip() == "1"
+def _flag(name: str, default: str = "0") -> Callable[[], bool]:
+    return lambda: os.environ.get(name, default).strip() == "1"
 
 
 # name -> (getter, description). The README table is checked against this.
@@ -60,11 +60,17 @@ environment_variables: dict[str, tuple[Callable[[], Any], str]] = {
         "`1` autotunes the Triton fp32 projection kernel instead of using its "
         "fixed launch configuration.",
     ),
+    "VLLM_RL_COMPAT_FAST_RELOAD": (
+        _flag("VLLM_RL_COMPAT_FAST_RELOAD", default="1"),
+        "`0` makes weight updates on CPU use vLLM's layerwise reload instead of "
+        "`fast_reload` (for comparisons; default `1`).",
+    ),
 }
 
 VLLM_RL_COMPAT: bool
 VLLM_RL_COMPAT_CACHE: Path
 VLLM_RL_COMPAT_AUTOTUNE: bool
+VLLM_RL_COMPAT_FAST_RELOAD: bool
 
 
 def __getattr__(name: str) -> Any:

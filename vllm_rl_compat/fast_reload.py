@@ -61,7 +61,6 @@ failed layerwise reload: ``WeightSyncCorruptedError`` in the front end.
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
@@ -208,7 +207,9 @@ def fast_reload_blocker(vllm_config: Any) -> str | None:
     """Why this engine cannot use the fast path (``None``: it can)."""
     from vllm.platforms import current_platform
 
-    if os.environ.get(ENV_SWITCH, "1") == "0":
+    from vllm_rl_compat import envs
+
+    if not envs.VLLM_RL_COMPAT_FAST_RELOAD:
         return f"{ENV_SWITCH}=0"
     if not current_platform.is_cpu() or current_platform.is_zen_cpu():
         return "not the plain CPU platform"
