@@ -1,12 +1,14 @@
 """fp32 lm_head on CPU: decode throughput, head memory, and rollout logprob parity.
 
-One run measures three heads on SmolLM2-135M-Instruct (bf16 body), each engine
+One run measures four heads on SmolLM2-135M-Instruct (bf16 body), each engine
 in its own child process with RL mode on (same engine settings otherwise):
 
 * ``bf16``   -- ``rl_compat.fp32_head="off"``: vLLM's model-dtype head;
 * ``native`` -- ``fp32_head="off"`` + ``hf_overrides={"head_dtype": "float32"}``:
   vLLM's own fp32 head (casts the V x H weight to fp32 every step on CPU);
-* ``ours``   -- ``fp32_head="compute"`` (the default).
+* ``ours``   -- ``fp32_head="compute"`` (the default: oneDNN bf16 brgemm on CPU);
+* ``ours_torch`` -- the same with ``fp32_head_impl="torch"`` (the chunked
+  fallback used where the brgemm kernel cannot be built).
 
 Throughput: ``--prompts`` prompts x ``--tokens`` new tokens, ``ignore_eos``,
 after one warm-up batch; best of ``--repeats`` timed batches (the machine is
@@ -39,6 +41,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "bf16": {"rl_compat": {"fp32_head": "off"}},
     "native": {"rl_compat": {"fp32_head": "off"}, "hf_overrides": {"head_dtype": "float32"}},
     "ours": {"rl_compat": {"fp32_head": "compute"}},
+    "ours_torch": {"rl_compat": {"fp32_head": "compute", "fp32_head_impl": "torch"}},
 }
 PROMPT_SEEDS = [
     "Write a short story about a lighthouse keeper.",
@@ -133,7 +136,7 @@ def trainer_logprobs(model_dir: str, rollouts: list[dict], temperature: float) -
 
 
 def _head_paths(rows: int) -> dict[str, Any]:
-    """The three head computations on the SmolLM2 head shape (49152 x 576, bf16)."""
+    """The head computations on the SmolLM2 head shape (49152 x 576, bf16)."""
     import torch
     import torch.nn.functional as F
     from vllm import _custom_ops as ops
@@ -148,6 +151,7 @@ def _head_paths(rows: int) -> dict[str, Any]:
         "bf16": lambda: ops.onednn_mm(handle, h, None),
         "native": lambda: F.linear(h.float(), w.float()),
         "ours": lambda: fp32_linear(h, w, None),
+        "ours_torch": lambda: fp32_linear(h, w, None, impl="torch"),
     }
 
 
@@ -221,7 +225,15 @@ def render(results: dict[str, dict], metrics: dict[str, Any], memory: dict[str, 
         m = metrics[name]
         lines.append(f"| {name} | {m['mean_abs_dlogp']:.3e} | {m['max_abs_dlogp']:.3e} "
                      f"| {m['kl_k3']:.3e} | {m['clip_rate']:.4f} |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + ["", FOOTNOTE]) + "\n"
+
+
+FOOTNOTE = """Head call ms and peak extra MB: the head computation alone on the SmolLM2 head
+shape (49152 x 576, bf16) for the same number of rows as prompts, each path in a
+fresh process; peak extra memory is the growth of the process's resident set over
+the call (high-water mark reset just before it), minus the output. "bf16" is
+vLLM's pre-packed oneDNN handle; "ours" is the CPU brgemm kernel
+(`fp32_head_impl: auto`), "ours_torch" the chunked fallback."""
 
 
 def main(argv: list[str] | None = None) -> int:
