@@ -49,6 +49,15 @@ def shutdown(llm) -> None:
     llm.llm_engine.engine_core.shutdown()
 
 
+def fresh_logprobs(model: str, **kwargs: Any) -> list[list[float]]:
+    """``forced_logprobs`` of a fresh engine on ``model``, stopped afterwards."""
+    eng = make_llm(model, **kwargs)
+    try:
+        return forced_logprobs(eng)
+    finally:
+        shutdown(eng)
+
+
 def forced_logprobs(llm) -> list[list[float]]:
     """Logprob of every forced prompt token (prompt_logprobs, raw)."""
     from vllm import SamplingParams
@@ -251,9 +260,7 @@ def test_broadcast_update_and_faults(untied):
 @pytest.mark.engine
 def test_tied_embeddings_update_matches_fresh_engine(tiny_model):
     a, b = tiny_model("llama-tied", 0), tiny_model("llama-tied", 1)
-    eng_b = make_llm(b, **EAGER)
-    ref_b = forced_logprobs(eng_b)
-    shutdown(eng_b)
+    ref_b = fresh_logprobs(b, **EAGER)
     eng = make_llm(a, **EAGER)
     try:
         sync = WeightSync(eng)
@@ -280,9 +287,7 @@ def test_tied_model_dtype_head_follows_update(tiny_model, monkeypatch, fast):
     monkeypatch.setenv("VLLM_RL_COMPAT_FAST_RELOAD", "1" if fast else "0")
     off = {"additional_config": {"rl_compat": {"fp32_head": "off"}}, **EAGER}
     a, b = tiny_model("llama-tied", 0), tiny_model("llama-tied", 1)
-    eng_b = make_llm(b, **off)
-    ref_b = forced_logprobs(eng_b)
-    shutdown(eng_b)
+    ref_b = fresh_logprobs(b, **off)
     eng = make_llm(a, **off)
     try:
         sync = WeightSync(eng)
