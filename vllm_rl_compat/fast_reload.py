@@ -27,6 +27,10 @@ fp32 head's shadow loader stay vLLM's / ours), into:
   ``dispatch_cpu_unquantized_gemm`` branch builds the packed weight from the
   same values -- and the original (empty) parameter object is put back, as
   the layerwise reload does.
+* CPU linears whose weight vLLM kept (``dispatch_cpu_unquantized_gemm``
+  falls back to ``torch.nn.functional.linear`` when oneDNN cannot build a
+  bf16 matmul, e.g. on AVX2-only CPUs): in place, then their
+  ``process_weights_after_loading`` re-runs as in the layerwise reload.
 * every other parameter (embeddings, lm_head, norms): in place, then the
   embedding-kind modules (``UnquantizedEmbeddingMethod``) re-run
   ``process_weights_after_loading`` (their oneDNN handle); modules sharing
@@ -49,9 +53,9 @@ are not in the update, anything outside the model.
 Fallback: the whole update goes through vLLM's layerwise reload when the
 model does not qualify: not the CPU platform (or the zentorch CPU path), a
 quantization or kv-cache quantization config, or any module holding
-parameters that is not one of the three kinds above (a custom quant method,
+parameters that is not one of the kinds above (a custom quant method,
 an MLA ``_cpu_skip_gemm_dispatch`` layer, a layer with its own
-``process_weights_after_loading``, a weight vLLM left unpacked). The decision
+``process_weights_after_loading``). The decision
 is per model, made once per worker and logged; ``VLLM_RL_COMPAT_FAST_RELOAD=0``
 forces the fallback (for comparisons). A failure while applying (for example
 vLLM choosing to keep a weight unpacked, which raises) is reported like a
@@ -89,6 +93,7 @@ class FastReloader:
 
     packed: list[_Packed]
     embeddings: list[torch.nn.Module]
+    kept: list[torch.nn.Module] = field(default_factory=list)  # linears vLLM left unpacked
     pool: dict[tuple, list[torch.Tensor]] = field(default_factory=dict)
 
     def apply(self, model: torch.nn.Module, weights: Iterable[tuple[str, Any]]) -> None:
@@ -102,6 +107,7 @@ class FastReloader:
                 for entry in self.packed:
                     if entry.active:  # not every element loaded (padding): as vLLM does
                         self._finish(entry)
+                reprocess_kept_linears(self.kept)
                 rebuild_packed_heads(self.embeddings)
         finally:
             for entry in self.packed:
@@ -171,6 +177,18 @@ def _key(meta: torch.Tensor) -> tuple:
     return tuple(meta.size()), tuple(meta.stride()), meta.dtype
 
 
+def reprocess_kept_linears(layers: list[torch.nn.Module]) -> None:
+    """Re-run ``process_weights_after_loading`` of linears updated in place; their
+    weight must stay the live parameter (else the plan no longer matches)."""
+    for layer in layers:
+        weight = layer.weight
+        layer.__dict__.pop("cpu_linear", None)
+        layer.quant_method.process_weights_after_loading(layer)
+        if layer.weight is not weight:
+            raise RuntimeError(f"{type(layer).__name__}: vLLM packed a weight it had kept "
+                               f"unpacked at start-up; the fast path does not apply")
+
+
 def rebuild_packed_heads(modules: list[torch.nn.Module]) -> None:
     """Re-run ``process_weights_after_loading`` of embedding-kind modules (on CPU:
     their oneDNN handle for use as a head); modules sharing one weight parameter
@@ -224,6 +242,7 @@ def build_fast_reloader(model: torch.nn.Module) -> tuple[FastReloader | None, st
     """A plan for ``model``, or ``None`` and the first module that blocks it."""
     packed: list[_Packed] = []
     embeddings: list[torch.nn.Module] = []
+    kept: list[torch.nn.Module] = []
     for name, module in model.named_modules():
         params = dict(module.named_parameters(recurse=False))
         if not params:
@@ -233,9 +252,11 @@ def build_fast_reloader(model: torch.nn.Module) -> tuple[FastReloader | None, st
             return None, f"module {name or '<root>'} ({type(module).__name__})"
         if kind == "packed":
             packed.append(_packed_entry(module))
+        elif kind == "kept":
+            kept.append(module)
         elif kind == "embedding":
             embeddings.append(module)
-    return FastReloader(packed, embeddings), ""
+    return FastReloader(packed, embeddings, kept), ""
 
 
 def _module_kind(module: torch.nn.Module, params: dict[str, torch.Tensor]) -> str | None:
@@ -246,10 +267,12 @@ def _module_kind(module: torch.nn.Module, params: dict[str, torch.Tensor]) -> st
 
     method = type(getattr(module, "quant_method", None))
     if method is UnquantizedLinearMethod:
-        ok = (set(params) <= {"weight", "bias"} and params["weight"].numel() == 0
-              and not getattr(module, "_cpu_skip_gemm_dispatch", False)
-              and _recorded_weight(module) is not None)
-        return "packed" if ok else None
+        if (not set(params) <= {"weight", "bias"}
+                or getattr(module, "_cpu_skip_gemm_dispatch", False)):
+            return None
+        if params["weight"].numel() > 0:
+            return "kept"
+        return "packed" if _recorded_weight(module) is not None else None
     if method is UnquantizedEmbeddingMethod:
         return "embedding"
     if getattr(module, "quant_method", None) is None and not hasattr(
