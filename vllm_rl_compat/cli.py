@@ -53,9 +53,10 @@ def info_lines() -> list[str]:
 def _cpu_kernel_state() -> str:
     from vllm_rl_compat.ops import fp32_linear_cpu
 
-    if fp32_linear_cpu.available():
+    reason = fp32_linear_cpu.unavailable_reason()
+    if reason is None:
         return f"ready ({fp32_linear_cpu.build_dir()})"
-    return "unavailable (see the warning above); CPU engines use the chunked torch path"
+    return f"unavailable: {reason}; CPU engines use the chunked torch path"
 
 
 def main(argv: list[str] | None = None) -> int:

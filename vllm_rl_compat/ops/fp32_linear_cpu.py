@@ -17,9 +17,9 @@ fp32 accumulation (the same bound as ``fp32_linear_torch``).
 Memory: no copy of the weight; per call one packed copy of the token rows
 (64 x H bf16) and a 128-256 x 64 fp32 tile per thread.
 
-Fallback: ``available()`` is False (with the reason logged once) when there is
-no compiler, the build fails, or the CPU lacks bf16 brgemm (no AVX512-BF16 /
-AMX); callers then use ``fp32_linear_torch``.  Only bf16 x bf16 with unit
+Fallback: ``available()`` is False (``unavailable_reason()`` says why, logged
+once) when the CPU lacks bf16 brgemm (no AVX512-BF16 / AMX; checked before any
+compile), there is no compiler or the build fails; callers then use ``fp32_linear_torch``.  Only bf16 x bf16 with unit
 stride along H and an even, non-zero H is handled here (``eligible``; VNNI
 packs pairs along H, and an odd H faults inside the AMX kernel).
 """
@@ -63,20 +63,36 @@ def build() -> None:
          extra_cflags=CFLAGS, extra_ldflags=LDFLAGS, is_python_module=False, verbose=False)
 
 
+def cpu_has_bf16_dot() -> bool:
+    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+
+
 @functools.lru_cache(maxsize=1)
-def available() -> bool:
-    """Whether the brgemm path can run here; the reason is logged once if not."""
+def unavailable_reason() -> str | None:
+    """Why the brgemm path cannot run here, or ``None`` when it can.
+
+    The CPU is checked first, so machines without bf16 dot-product
+    instructions never pay for the compile."""
+    if not cpu_has_bf16_dot():
+        return "this CPU has no bf16 dot-product instructions (AVX512-BF16 or AMX)"
     try:
         build()
     except Exception as exc:  # no compiler, build error, unsupported toolchain
-        logger.warning("vllm-rl-compat: CPU fp32 head kernel unavailable (%s: %s); "
-                       "using the chunked torch path", type(exc).__name__, exc)
-        return False
+        return f"the build failed ({type(exc).__name__}: {exc})"
     if not torch.ops.rl_compat.bf16_brgemm_supported():
-        logger.info("vllm-rl-compat: this CPU has no bf16 brgemm (AVX512-BF16/AMX); "
-                    "using the chunked torch path for the fp32 head")
-        return False
-    return True
+        return "oneDNN reports no bf16 brgemm on this CPU"
+    return None
+
+
+@functools.lru_cache(maxsize=1)
+def available() -> bool:
+    """Whether the brgemm path can run here; the reason is logged once if not."""
+    reason = unavailable_reason()
+    if reason is not None:  # a missing CPU feature is normal, a broken build is not
+        log = logger.warning if cpu_has_bf16_dot() else logger.info
+        log("vllm-rl-compat: CPU fp32 head kernel unavailable: %s; "
+            "using the chunked torch path", reason)
+    return reason is None
 
 
 def eligible(x: torch.Tensor, weight: torch.Tensor) -> bool:
