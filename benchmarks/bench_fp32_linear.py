@@ -162,7 +162,8 @@ def _run_provider(name: str, x: torch.Tensor, w: torch.Tensor, args: argparse.Na
     if name == "ours_brgemm" and not (fp32_linear_cpu.eligible(x, w)
                                       and fp32_linear_cpu.available()):
         return Row(H, V, T, name, "skipped", note="brgemm needs bf16 x bf16 on CPU, an even H "
-                   f"and the built kernel ({x.device.type}, {x.dtype}x{w.dtype}, H={H})")
+                   f"and the kernel ({x.device.type}, {x.dtype}x{w.dtype}, H={H}; kernel: "
+                   f"{fp32_linear_cpu.unavailable_reason() or 'ready'})")
     if name == "ours_triton" and not on_cuda:
         return _triton_smoke(x, w, args)
     fn = _provider_fn(name, x, w)
