@@ -36,6 +36,13 @@ SAMPLING = {"temperature": T, "max_tokens": 8, "logprobs": 0, "seed": 1234}
 # fp32 head on both sides, 0.06 against a stock bf16 head (bf16-rounded logits).
 TOL = {"fp32_head": 0.05, "bf16_head": 0.15}
 USER_ARGS = {"logprobs_mode": "raw_logprobs", "enable_prefix_caching": True}
+# These engines check settings and logprob kinds, so they skip the compile
+# (about 25 s each). All of them: the reference (``rl_run``) and the engines
+# compared with it must share one execution path, compiled and eager bf16
+# bodies differ by more than TOL. What these tests check does not depend on
+# the compile: settings are fixed before it, and the head (compute_logits)
+# and sampler run outside vLLM's compiled backbone.
+EAGER_KWARGS = {**ENGINE_KWARGS, "enforce_eager": True}
 STOCK = {"logprobs_mode": "raw_logprobs", "enable_prefix_caching": True,
          "worker_extension_cls": ""}
 RL = {"logprobs_mode": "processed_logprobs", "enable_prefix_caching": False,
@@ -53,7 +60,7 @@ def rl_run(llm_factory, model) -> dict[str, Any]:
     """An RL-mode LLM built with the user asking for raw logprobs and prefix caching."""
     from vllm import SamplingParams
 
-    llm = llm_factory(model, max_logprobs=-1, **USER_ARGS)
+    llm = llm_factory(model, max_logprobs=-1, enforce_eager=True, **USER_ARGS)
     outputs = llm.generate(PROMPTS, SamplingParams(**SAMPLING), use_tqdm=False)
     return {"llm": llm,
             "result": engine_runner.summarize(llm.llm_engine.vllm_config, outputs)}
@@ -93,7 +100,7 @@ def test_offline_rl_logprobs_are_processed(rl_run) -> None:
 def off_runs(model) -> dict[str, dict]:
     """Switch off, and the plugin not loaded at all, each in its own process."""
     request = {"model": model, "prompts": PROMPTS, "sampling": SAMPLING,
-               "engine_kwargs": {**ENGINE_KWARGS, "max_logprobs": 1}}
+               "engine_kwargs": {**EAGER_KWARGS, "max_logprobs": 1}}
     return {
         "switch_off": run_engine_subprocess(request, {"VLLM_RL_COMPAT": "0"}),
         "plugins_disabled": run_engine_subprocess(request, {"VLLM_PLUGINS": ""}),
@@ -115,7 +122,7 @@ def test_switch_off_returns_raw_logprobs(rl_run, off_runs) -> None:
 
 def test_async_llm_on_and_off(rl_run, model) -> None:
     request = {"model": model, "prompts": PROMPTS, "sampling": SAMPLING,
-               "frontend": "async", "engine_kwargs": dict(ENGINE_KWARGS)}
+               "frontend": "async", "engine_kwargs": dict(EAGER_KWARGS)}
     on = asyncio.run(engine_runner.run_async(request))
     assert_settings(on["settings"], RL)
     assert_logprobs(rl_run["llm"], on["outputs"], "processed")
@@ -141,7 +148,7 @@ def serve(model) -> Iterator[Any]:
         # (it looks up the version of a distribution named "vllm").
         cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model,
                "--port", str(port), "--dtype", "bfloat16", "--max-model-len", "512",
-               "--logprobs-mode", "raw_logprobs", "--enable-prefix-caching"]
+               "--logprobs-mode", "raw_logprobs", "--enable-prefix-caching", "--enforce-eager"]
         env = {**os.environ, "VLLM_RL_COMPAT": switch}
         procs.append(subprocess.Popen(cmd, env=env, stdout=tmp_log, stderr=subprocess.STDOUT))
         _wait_ready(port, procs[-1])
