@@ -11,6 +11,7 @@ to the engine's own start-up model is again exact.
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -49,13 +50,20 @@ def shutdown(llm) -> None:
     llm.llm_engine.engine_core.shutdown()
 
 
+_FRESH: dict[str, list[list[float]]] = {}
+
+
 def fresh_logprobs(model: str, **kwargs: Any) -> list[list[float]]:
-    """``forced_logprobs`` of a fresh engine on ``model``, stopped afterwards."""
-    eng = make_llm(model, **kwargs)
-    try:
-        return forced_logprobs(eng)
-    finally:
-        shutdown(eng)
+    """``forced_logprobs`` of a fresh engine on ``model``, stopped afterwards;
+    one engine per (model, arguments) for the whole module."""
+    key = json.dumps([model, kwargs], sort_keys=True)
+    if key not in _FRESH:
+        eng = make_llm(model, **kwargs)
+        try:
+            _FRESH[key] = forced_logprobs(eng)
+        finally:
+            shutdown(eng)
+    return _FRESH[key]
 
 
 def forced_logprobs(llm) -> list[list[float]]:
@@ -358,8 +366,6 @@ def test_switch_off_installs_no_extension(tiny_model, tmp_path):
                           env={**os.environ, "VLLM_RL_COMPAT": "0"})
     line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     assert line, proc.stderr[-3000:]
-    import json
-
     result = json.loads(line[-1][len("RESULT "):])
     assert result["ext"] == "" and result["tokens"] == 2
     assert "worker extension is not installed" in result["error"]
