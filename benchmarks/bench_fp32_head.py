@@ -139,20 +139,31 @@ def _head_paths(rows: int) -> dict[str, Any]:
     """The head computations on the SmolLM2 head shape (49152 x 576, bf16)."""
     import torch
     import torch.nn.functional as F
-    from vllm import _custom_ops as ops
 
     from vllm_rl_compat.ops import fp32_linear
 
     torch.manual_seed(0)
     w = torch.randn(49152, 576, dtype=torch.bfloat16) * 0.05  # no fp32 temporary
     h = torch.randn(rows, 576, dtype=torch.bfloat16)
-    handle = ops.create_onednn_mm(w.t(), 32)
     return {
-        "bf16": lambda: ops.onednn_mm(handle, h, None),
+        "bf16": _vllm_bf16_head(w, h),
         "native": lambda: F.linear(h.float(), w.float()),
         "ours": lambda: fp32_linear(h, w, None),
         "ours_torch": lambda: fp32_linear(h, w, None, impl="torch"),
     }
+
+
+def _vllm_bf16_head(w: Any, h: Any) -> Any:
+    """What vLLM's CPU head runs (``dispatch_cpu_unquantized_gemm``): a pre-packed
+    oneDNN handle, or ``F.linear`` where oneDNN cannot build a bf16 matmul (AVX2)."""
+    import torch.nn.functional as F
+    from vllm import _custom_ops as ops
+
+    try:
+        handle = ops.create_onednn_mm(w.t(), 32)
+    except RuntimeError:
+        return lambda: F.linear(h, w)
+    return lambda: ops.onednn_mm(handle, h, None)
 
 
 def _status_kib(key: str) -> int:
@@ -232,8 +243,9 @@ FOOTNOTE = """Head call ms and peak extra MB: the head computation alone on the 
 shape (49152 x 576, bf16) for the same number of rows as prompts, each path in a
 fresh process; peak extra memory is the growth of the process's resident set over
 the call (high-water mark reset just before it), minus the output. "bf16" is
-vLLM's pre-packed oneDNN handle; "ours" is the CPU brgemm kernel
-(`fp32_head_impl: auto`), "ours_torch" the chunked fallback."""
+vLLM's pre-packed oneDNN handle (``F.linear`` where oneDNN cannot build one);
+"ours" is `fp32_head_impl: auto` (the CPU brgemm kernel where the CPU has bf16
+instructions), "ours_torch" the chunked fallback."""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -266,12 +278,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from vllm_rl_compat.parity.metrics import compute_metrics
 
+    memory = head_memory(args.prompts)  # quick: fails before the long runs, not after
     results = {v: run_child(v, args) for v in args.variants.split(",")}
     metrics = {}
     for name, r in results.items():
         ref = trainer_logprobs(args.model, r["rollouts"], args.temperature)
         metrics[name] = vars(compute_metrics(ref, [x["logprobs"] for x in r["rollouts"]]))
-    memory = head_memory(args.prompts)
     text = render(results, metrics, memory, args)
     print(text)
     if args.out:
