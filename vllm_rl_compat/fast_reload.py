@@ -151,8 +151,7 @@ class FastReloader:
     def _finish(self, entry: _Packed) -> None:
         """Re-pack a loaded layer, then put its live (empty) parameter back."""
         layer = entry.layer
-        layer.__dict__.pop("cpu_linear", None)  # frees the old handle: its memory is re-used
-        layer.quant_method.process_weights_after_loading(layer)
+        reprocess(layer)
         if layer.weight is entry.loading:
             raise RuntimeError(f"{type(layer).__name__}: vLLM kept this weight unpacked "
                                f"on reload; the fast path does not apply")
@@ -177,13 +176,19 @@ def _key(meta: torch.Tensor) -> tuple:
     return tuple(meta.size()), tuple(meta.stride()), meta.dtype
 
 
+def reprocess(module: torch.nn.Module) -> None:
+    """Re-run the module's ``process_weights_after_loading`` on its current values,
+    dropping the old CPU handle first so its memory is re-used."""
+    module.__dict__.pop("cpu_linear", None)
+    module.quant_method.process_weights_after_loading(module)
+
+
 def reprocess_kept_linears(layers: list[torch.nn.Module]) -> None:
     """Re-run ``process_weights_after_loading`` of linears updated in place; their
     weight must stay the live parameter (else the plan no longer matches)."""
     for layer in layers:
         weight = layer.weight
-        layer.__dict__.pop("cpu_linear", None)
-        layer.quant_method.process_weights_after_loading(layer)
+        reprocess(layer)
         if layer.weight is not weight:
             raise RuntimeError(f"{type(layer).__name__}: vLLM packed a weight it had kept "
                                f"unpacked at start-up; the fast path does not apply")
@@ -200,8 +205,7 @@ def rebuild_packed_heads(modules: list[torch.nn.Module]) -> None:
                 and "cpu_linear" in first.__dict__):
             module.cpu_linear = first.cpu_linear
             continue
-        module.__dict__.pop("cpu_linear", None)  # frees the old handle first
-        module.quant_method.process_weights_after_loading(module)
+        reprocess(module)
         built[id(module.weight)] = module
 
 

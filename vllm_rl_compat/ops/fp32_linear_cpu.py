@@ -19,9 +19,10 @@ Memory: no copy of the weight; per call one packed copy of the token rows
 
 Fallback: ``available()`` is False (``unavailable_reason()`` says why, logged
 once) when the CPU lacks bf16 brgemm (no AVX512-BF16 / AMX; checked before any
-compile), there is no compiler or the build fails; callers then use ``fp32_linear_torch``.  Only bf16 x bf16 with unit
-stride along H and an even, non-zero H is handled here (``eligible``; VNNI
-packs pairs along H, and an odd H faults inside the AMX kernel).
+compile), there is no compiler or the build fails; callers then use
+``fp32_linear_torch``.  Only bf16 x bf16 with unit stride along H and an
+even, non-zero H is handled here (``eligible``; VNNI packs pairs along H, and
+an odd H faults inside the AMX kernel).
 """
 
 from __future__ import annotations
