@@ -8,7 +8,10 @@ Providers (activations in the model dtype, bf16 unless ``--act-dtype``):
                      (not implemented on CPU: reported as skipped)
 * ``ours_brgemm``    fp32_linear(impl="brgemm"): CPU, bf16 x bf16, oneDNN brgemm with fp32
                      accumulation (skipped on CUDA, for other dtypes, odd H, or
-                     where the kernel cannot be built)
+                     where oneDNN has no bf16 brgemm: it needs AMX)
+* ``ours_blocked``   fp32_linear(impl="blocked"): CPU, bf16 x bf16, any CPU: fused
+                     matrix-vector loop up to 8 rows, cache-blocked sgemm above
+                     (skipped on CUDA, for other dtypes, or without a compiler)
 * ``ours_torch``     fp32_linear(impl="torch"): chunked upcast (+ exact oneDNN bf16 path on CPU)
 * ``ours_triton``    fp32_linear(impl="triton"); on a machine without CUDA only a tiny
                      interpreter smoke run (T <= 16, first 128 vocab rows), not a timing
@@ -46,8 +49,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from vllm_rl_compat.ops import fp32_linear, fp32_linear_cpu  # noqa: E402
 from vllm_rl_compat.ops.fp32_linear_torch import DEFAULT_CHUNK_ROWS  # noqa: E402
 
-PROVIDERS = ("torch_bf16", "torch_upcast", "torch_mm_fp32", "ours_brgemm", "ours_torch",
-             "ours_triton")
+PROVIDERS = ("torch_bf16", "torch_upcast", "torch_mm_fp32", "ours_brgemm", "ours_blocked",
+             "ours_torch", "ours_triton")
+CPU_ROUTES = {"ours_brgemm": "brgemm", "ours_blocked": "blocked"}
 DEFAULT_SHAPES = ((576, 49152), (3584, 152064), (4096, 128256))
 DEFAULT_TOKENS = (1, 8, 64, 512, 4096)
 CPU_MAX_TOKENS_BIG = 512  # CPU default: skip T=4096 on the ~0.5B-parameter heads
@@ -130,6 +134,8 @@ def _analytic_extra_mib(provider: str, T: int, H: int, V: int, xd: torch.dtype,
     if provider == "ours_brgemm":  # packed tokens (2 copies) + one fp32 tile per thread
         tokens = min(T, 64)
         return (2 * tokens * H * 2 + torch.get_num_threads() * 256 * tokens * 4) / 2**20
+    if provider == "ours_blocked":  # fp32 tokens + one 128 KiB weight block per thread
+        return (x32 + torch.get_num_threads() * 128 * 1024) / 2**20
     return 0.0
 
 
@@ -147,6 +153,7 @@ def _provider_fn(name: str, x: torch.Tensor, w: torch.Tensor) -> Callable[[], to
         "torch_upcast": lambda: F.linear(x.float(), w.float()),
         "torch_mm_fp32": lambda: torch.mm(x, w.t(), out_dtype=torch.float32),
         "ours_brgemm": lambda: fp32_linear(x, w, impl="brgemm"),
+        "ours_blocked": lambda: fp32_linear(x, w, impl="blocked"),
         "ours_torch": lambda: fp32_linear(x, w, impl="torch"),
         "ours_triton": lambda: fp32_linear(x, w, impl="triton"),
     }
@@ -159,11 +166,12 @@ def _run_provider(name: str, x: torch.Tensor, w: torch.Tensor, args: argparse.Na
     if name == "torch_mm_fp32" and (not on_cuda or x.dtype != w.dtype or x.dtype == torch.float32):
         return Row(H, V, T, name, "skipped", note="torch.mm(out_dtype=fp32) not implemented here "
                    f"({x.device.type}, {x.dtype}x{w.dtype})")
-    if name == "ours_brgemm" and not (fp32_linear_cpu.eligible(x, w)
-                                      and fp32_linear_cpu.available()):
-        return Row(H, V, T, name, "skipped", note="brgemm needs bf16 x bf16 on CPU, an even H "
-                   f"and the kernel ({x.device.type}, {x.dtype}x{w.dtype}, H={H}; kernel: "
-                   f"{fp32_linear_cpu.unavailable_reason() or 'ready'})")
+    route = CPU_ROUTES.get(name)
+    if route and not (fp32_linear_cpu.eligible(x, w, route) and fp32_linear_cpu.available(route)):
+        return Row(H, V, T, name, "skipped", note=f"{route} needs bf16 x bf16 on CPU"
+                   f"{', an even H' if route == 'brgemm' else ''} and the kernel "
+                   f"({x.device.type}, {x.dtype}x{w.dtype}, H={H}; kernel: "
+                   f"{fp32_linear_cpu.unavailable_reason(route) or 'ready'})")
     if name == "ours_triton" and not on_cuda:
         return _triton_smoke(x, w, args)
     fn = _provider_fn(name, x, w)

@@ -11,7 +11,7 @@ import logging
 from pathlib import Path
 
 import pytest
-from kernel_support import brgemm_expected
+from kernel_support import blocked_expected, brgemm_expected
 
 from conftest import ENGINE_KWARGS, run_engine_subprocess
 from vllm_rl_compat import envs, plugin
@@ -159,8 +159,10 @@ def test_info_command(capsys) -> None:
     assert "plugin: discovered (entry point vllm.general_plugins:rl_compat)" in out
     assert "switch VLLM_RL_COMPAT: on (RL mode)" in out
     assert "logprobs_mode = 'processed_logprobs'" in out
-    state = "ready" if brgemm_expected() else "unavailable"
-    assert f"CPU fp32 head kernel (oneDNN bf16 brgemm): {state}" in out
+    for route, expected in (("brgemm", brgemm_expected()), ("blocked", blocked_expected())):
+        line = next(ln for ln in out.splitlines() if ln.startswith(f"CPU fp32 head kernel {route} "))
+        assert (": ready (" in line) == expected, line
+        assert expected or ": unavailable: " in line, line
 
 
 def test_head_dtype_conflict_fails_before_any_change(tiny_model) -> None:

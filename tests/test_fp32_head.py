@@ -27,7 +27,7 @@ from typing import Any, Callable
 
 import pytest
 import torch
-from kernel_support import brgemm_expected
+from kernel_support import expected_cpu_route
 
 from vllm_rl_compat import fp32_head
 
@@ -200,11 +200,6 @@ def _one_engine(llm_factory: Callable[..., Any], model: str, **kwargs: Any) -> l
         llm.llm_engine.engine_core.shutdown()
 
 
-def _cpu_kernel() -> str:
-    """What ``auto`` must run for a bf16 head on this CPU."""
-    return "brgemm" if brgemm_expected() else "torch"
-
-
 @pytest.mark.engine
 @pytest.mark.parametrize("kind,impl", [("llama-tied", "auto"), ("gptj-bias", "auto"),
                                        ("gemma2-softcap", "auto"), ("llama-untied", "torch")])
@@ -213,7 +208,7 @@ def test_head_exact(kind: str, impl: str, tiny_model: Callable[..., str],
     ranks = _one_engine(llm_factory, tiny_model(kind),
                         additional_config={"rl_compat": {"fp32_head_impl": impl}})
     assert ranks[0]["cls"] == "FP32HeadLogitsProcessor"
-    assert ranks[0]["impl"] == (_cpu_kernel() if impl == "auto" else impl)
+    assert ranks[0]["impl"] == (expected_cpu_route() if impl == "auto" else impl)
     if kind == "gptj-bias":
         assert ranks[0]["bias"] is not None
     if kind == "gemma2-softcap":
@@ -232,7 +227,7 @@ def test_head_exact_tp2_padded_vocab(tiny_model: Callable[..., str],
     ranks = _one_engine(llm_factory, tiny_model("llama-oddvocab"), tensor_parallel_size=2,
                         distributed_executor_backend="mp")
     assert len(ranks) == 2 and ranks[0]["org_vocab"] % 64 != 0
-    assert ranks[0]["impl"] == _cpu_kernel()
+    assert ranks[0]["impl"] == expected_cpu_route()
     assert _full_head(ranks)[0].shape[0] > ranks[0]["org_vocab"]  # padding present
     stats = assert_exact(ranks)
     assert_greedy_paths(ranks)
@@ -404,14 +399,15 @@ def test_dispatch_and_head_dtype_rules() -> None:
 
     assert fp32_head.select_impl("cuda", "auto") == "triton"
     assert fp32_head.select_impl("cuda", "torch") == "torch"
-    assert fp32_head.select_impl("cpu", "auto") == "auto"  # per call: brgemm or torch
+    assert fp32_head.select_impl("cpu", "auto") == "auto"  # per call: brgemm, blocked or torch
     assert fp32_head.select_impl("cpu", "torch") == "torch"
     with pytest.raises(ValueError, match="fp32_head_impl='triton'"):
         fp32_head.select_impl("cpu", "triton")
-    with pytest.raises(ValueError, match="fp32_head_impl='brgemm' is the CPU kernel"):
-        fp32_head.select_impl("cuda", "brgemm")
-    with pytest.raises(ValueError, match="fp32_head_impl='brgemm' takes bf16 weights"):
-        fp32_head.select_impl("cpu", "brgemm", "weights")
+    for route in ("brgemm", "blocked"):
+        with pytest.raises(ValueError, match=f"fp32_head_impl='{route}' is a CPU kernel"):
+            fp32_head.select_impl("cuda", route)
+        with pytest.raises(ValueError, match=f"fp32_head_impl='{route}' takes bf16 weights"):
+            fp32_head.select_impl("cpu", route, "weights")
     fp32_head.check_head_dtype(torch.float32, torch.bfloat16, "compute")
     with pytest.raises(ValueError, match="head_dtype"):
         fp32_head.check_head_dtype(torch.float16, torch.bfloat16, "weights")

@@ -1,5 +1,6 @@
 """Tests for ``vllm_rl_compat.ops.fp32_linear``: the Triton kernel under the
-interpreter, the CPU brgemm kernel (bf16 x bf16) and the torch path.
+interpreter, the two CPU kernels for bf16 x bf16 (oneDNN brgemm, blocked) and
+the torch path.
 
 Error bound used throughout (Higham's worst case for recursive fp32 summation
 of n terms whose products are exact): with P the number of part-dot passes
@@ -25,7 +26,7 @@ import textwrap
 import pytest
 import torch
 import torch.nn.functional as F
-from kernel_support import brgemm_expected
+from kernel_support import blocked_expected, brgemm_expected, expected_cpu_route
 
 from vllm_rl_compat.ops import fp32_linear
 from vllm_rl_compat.ops import fp32_linear_cpu as cpu_mod
@@ -55,6 +56,7 @@ def _triton_interpreter():
 EPS32 = 2.0**-24
 BF16, FP16, FP32 = torch.bfloat16, torch.float16, torch.float32
 IMPLS = ["triton", "torch"]
+CPU_ROUTES = ["brgemm", "blocked"]  # CPU kernels for bf16 x bf16 (skipped where they cannot run)
 
 # (activation dtype, weight dtype, P = part-dot passes used by the kernel)
 DTYPE_TABLE = [
@@ -284,17 +286,17 @@ def test_mkldnn_precision_context_restores_on_error():
     assert torch.backends.mkldnn.matmul.fp32_precision == before
 
 
-@pytest.mark.parametrize("impl", IMPLS + ["brgemm"])
+@pytest.mark.parametrize("impl", IMPLS + CPU_ROUTES)
 def test_empty_dims(impl):
-    if impl == "brgemm":
-        _brgemm_or_skip()
+    if impl in CPU_ROUTES:
+        _route_or_skip(impl)
     x = torch.zeros(0, 64, dtype=BF16)
     assert fp32_linear(x, torch.zeros(7, 64, dtype=BF16), impl=impl).shape == (0, 7)
     x = torch.randn(3, 64).to(BF16)
     assert fp32_linear(x, torch.zeros(0, 64, dtype=BF16), impl=impl).shape == (3, 0)
 
 
-@pytest.mark.parametrize("impl", IMPLS + ["auto", "brgemm"])
+@pytest.mark.parametrize("impl", IMPLS + ["auto"] + CPU_ROUTES)
 def test_bad_inputs_raise_clear_errors(impl):
     x = torch.randn(3, 64).to(BF16)
     w = torch.randn(10, 64).to(BF16)
@@ -331,7 +333,9 @@ def test_bad_impl_and_triton_without_interpreter(monkeypatch):
 
 def test_auto_dispatch_and_autotune_is_off_when_interpreting(monkeypatch):
     x, w = torch.randn(3, 64).to(BF16), torch.randn(10, 64).to(BF16)
-    assert resolve_impl("auto", x, w) == ("brgemm" if cpu_mod.available() else "torch")
+    assert resolve_impl("auto", x, w) == expected_cpu_route()
+    odd_h = "blocked" if blocked_expected() else "torch"  # brgemm takes an even H only
+    assert resolve_impl("auto", x[:, :63], w[:, :63]) == odd_h
     assert resolve_impl("auto", x, w.float()) == "torch"  # fp32 weight: IEEE path
     assert resolve_impl("auto", x.to("meta"), w.to("meta")) == "torch"
     monkeypatch.setenv("VLLM_RL_COMPAT_AUTOTUNE", "1")
@@ -407,18 +411,23 @@ def test_kernel_compiles_for_real_gpus_without_tf32():
             assert any(".f32.bf16.bf16" in m for m in info["mma"]), (key, info["mma"])
 
 
-# ---------------------------------------------------------------- CPU brgemm
-def _brgemm_or_skip():
-    """Skip only where the kernel cannot exist; elsewhere it must have built."""
-    if not brgemm_expected():
-        pytest.skip("no C++ compiler or no AVX512-BF16/AMX on this CPU")
-    assert cpu_mod.available(), "the CPU brgemm kernel failed to build or load (see the log)"
+# ---------------------------------------------------------------- CPU kernels
+
+def _route_or_skip(route):
+    """Skip only where the machine probe says the kernel cannot exist; elsewhere
+    it must have built (``kernel_support`` asks the machine, not the product)."""
+    expected = {"brgemm": brgemm_expected, "blocked": blocked_expected}[route]()
+    if not expected:
+        pytest.skip(f"the machine probe says the {route} kernel cannot run here")
+    assert cpu_mod.available(route), f"the CPU {route} kernel failed to build or load (see the log)"
 
 
-# bf16 x bf16 only. T crosses the kernel's 16-token tile and 64-token block
-# edges; H includes the smallest even size; V includes 1, a non-multiple of
-# the 128/256-row vocabulary blocks and the SmolLM2 vocabulary + 13.
-BRGEMM_SHAPES = [
+# bf16 x bf16 only. brgemm: T crosses the 16-token tile and 64-token block
+# edges; H includes the smallest even size; V includes 1, a non-multiple of the
+# 128/256-row vocabulary blocks and the SmolLM2 vocabulary + 13.  blocked: T
+# crosses the fused matrix-vector limit (8 -> 9), H is odd or not a multiple of
+# the 8-lane vectors, V crosses its 256-row work split and weight blocks.
+CPU_SHAPES = [
     # T,  H,   V,    bias,  layout
     (1, 64, 49165, False, "contig"),
     (3, 576, 1000, True, "rows"),
@@ -428,38 +437,67 @@ BRGEMM_SHAPES = [
     (65, 66, 1000, True, "rows"),
     (130, 576, 49165, False, "contig"),
 ]
+BLOCKED_ONLY_SHAPES = [
+    (8, 63, 1001, True, "cols"),
+    (9, 63, 257, False, "rows"),
+    (2, 7, 513, False, "contig"),
+    (5, 1, 300, True, "contig"),
+]
+CPU_CASES = ([("brgemm", *shape) for shape in CPU_SHAPES]
+             + [("blocked", *shape) for shape in CPU_SHAPES + BLOCKED_ONLY_SHAPES])
 
 
-@pytest.mark.parametrize("T,H,V,bias,layout", BRGEMM_SHAPES, ids=[
-    f"T{t}-H{h}-V{v}-{'bias' if bb else 'nobias'}-{lay}" for t, h, v, bb, lay in BRGEMM_SHAPES])
-def test_brgemm_shapes_and_layouts(T, H, V, bias, layout):
-    _brgemm_or_skip()
+@pytest.mark.parametrize("route,T,H,V,bias,layout", CPU_CASES, ids=[
+    f"{r}-T{t}-H{h}-V{v}-{'bias' if bb else 'nobias'}-{lay}" for r, t, h, v, bb, lay in CPU_CASES])
+def test_cpu_kernel_shapes_and_layouts(route, T, H, V, bias, layout):
+    _route_or_skip(route)
     x, w, b = _make(T, H, V, BF16, BF16, bias=bias, seed=T * 5 + V, layout=layout)
-    assert resolve_impl("auto", x, w) == "brgemm"
-    _check(x, w, b, "brgemm")
-    _check(torch.randn(2 * T, H).to(BF16)[::2], w, b, "brgemm")  # row-strided x
+    _check(x, w, b, route)
+    _check(torch.randn(2 * T, H).to(BF16)[::2], w, b, route)  # row-strided x
 
 
-def test_brgemm_bound_catches_bf16_rounded_logits():
+@pytest.mark.parametrize("route", CPU_ROUTES)
+def test_cpu_kernel_bound_catches_bf16_rounded_logits(route):
     """The fp32 bound is tight enough that bf16-rounded logits (what the stock
     bf16 head returns) fail it, so the shape tests would catch such a kernel."""
-    _brgemm_or_skip()
-    x, w, _ = _make(32, 576, 4096, BF16, BF16, bias=False, seed=9)
-    ref, mag = _reference(x, w, None)
-    bound = _bound(mag, 576, 1)
-    out = fp32_linear(x, w, impl="brgemm")
-    assert torch.all((out.double() - ref).abs() <= bound)
-    assert ((out.to(BF16).double() - ref).abs() > bound).any()
+    _route_or_skip(route)
+    for T in (4, 32):  # both blocked routes (fused loop, blocked sgemm)
+        x, w, _ = _make(T, 576, 4096, BF16, BF16, bias=False, seed=9)
+        ref, mag = _reference(x, w, None)
+        bound = _bound(mag, 576, 1)
+        out = fp32_linear(x, w, impl=route)
+        assert torch.all((out.double() - ref).abs() <= bound)
+        assert ((out.to(BF16).double() - ref).abs() > bound).any()
 
 
-@pytest.mark.parametrize("case", ["odd-H", "fp32-weight", "fp16", "H-strided-weight"])
-def test_brgemm_rejects_what_it_cannot_run(case):
-    """Inputs outside the kernel go to the torch path under ``auto`` and give a
-    clear error when ``brgemm`` is forced (never the kernel's SIGILL on odd H)."""
-    _brgemm_or_skip()
+REJECTED = {"brgemm": ["odd-H", "fp32-weight", "fp16", "H-strided-weight"],
+            "blocked": ["fp32-weight", "fp16", "H-strided-weight"]}
+
+
+@pytest.mark.parametrize("route,case", [(r, c) for r, cases in REJECTED.items() for c in cases])
+def test_cpu_kernel_rejects_what_it_cannot_run(route, case):
+    """Inputs outside a kernel go elsewhere under ``auto`` and give a clear
+    error when that kernel is forced (never brgemm's SIGILL on an odd H)."""
+    _route_or_skip(route)
     x, w = torch.randn(3, 64).to(BF16), torch.randn(10, 64).to(BF16)
     x, w = {"odd-H": (x[:, :63], w[:, :63]), "fp32-weight": (x, w.float()),
             "fp16": (x.half(), w.half()), "H-strided-weight": (x, w.t().contiguous().t())}[case]
-    assert resolve_impl("auto", x, w) == "torch"
-    with pytest.raises(ValueError, match="impl='brgemm' needs bf16 x and weight"):
-        fp32_linear(x, w, impl="brgemm")
+    assert resolve_impl("auto", x, w) != route
+    with pytest.raises(ValueError, match=f"impl='{route}' needs bf16 x and weight"):
+        fp32_linear(x, w, impl=route)
+
+
+@pytest.mark.parametrize("probe,route", [
+    ({"compiled": True, "brgemm": 1}, "brgemm"),    # Intel Xeon with AMX
+    ({"compiled": True, "brgemm": 0}, "blocked"),   # AMD EPYC: AVX512-BF16 without AMX, or AVX2
+    ({"compiled": True, "brgemm": -1}, "blocked"),  # oneDNN claims bf16 packing but computes wrong
+    ({"compiled": False, "brgemm": None}, "torch"),  # no C++ compiler
+], ids=["amx", "no-amx", "broken-brgemm", "no-compiler"])
+def test_oracle_branches(monkeypatch, probe, route):
+    """What the tests expect on each kind of machine follows from the probe's answer
+    alone (this machine's own answer is what every other test uses)."""
+    import kernel_support
+
+    monkeypatch.setattr(kernel_support, "probe", lambda: probe)
+    assert kernel_support.expected_cpu_route() == route
+    assert kernel_support.brgemm_expected() == (route == "brgemm")

@@ -46,17 +46,21 @@ def info_lines() -> list[str]:
     ]
     lines += [f"  {s.arg} = {s.value!r}   ({s.fix})" for s in SETTINGS]
     lines.append(f"  lm_head = fp32 ({RLCompatConfig().fp32_head}) (fp32_head)")
-    lines.append(f"CPU fp32 head kernel (oneDNN bf16 brgemm): {_cpu_kernel_state()}")
+    lines += [f"CPU fp32 head kernel {route} ({title}): {_cpu_kernel_state(route)}"
+              for route, title in ROUTE_TITLES.items()]
     return lines
 
 
-def _cpu_kernel_state() -> str:
+ROUTE_TITLES = {"brgemm": "oneDNN bf16 brgemm, AMX", "blocked": "any CPU"}
+
+
+def _cpu_kernel_state(route: str) -> str:
     from vllm_rl_compat.ops import fp32_linear_cpu
 
-    reason = fp32_linear_cpu.unavailable_reason()
+    reason = fp32_linear_cpu.unavailable_reason(route)
     if reason is None:
         return f"ready ({fp32_linear_cpu.build_dir()})"
-    return f"unavailable: {reason}; CPU engines use the chunked torch path"
+    return f"unavailable: {reason}"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -18,7 +18,7 @@ from typing import Any, Mapping
 CONFIG_KEY = "rl_compat"
 
 FP32_HEAD_MODES = ("compute", "weights", "off")
-FP32_HEAD_IMPLS = ("auto", "triton", "brgemm", "torch")
+FP32_HEAD_IMPLS = ("auto", "triton", "brgemm", "blocked", "torch")
 
 
 def _opt(default: Any, help: str, choices: tuple[Any, ...] | None = None) -> Any:
@@ -51,8 +51,9 @@ class RLCompatConfig:
         "is held in fp32; `off`: model-dtype head.", FP32_HEAD_MODES)
     fp32_head_impl: str = _opt(
         "auto", "Projection implementation: `auto` (Triton kernel on CUDA; on "
-        "CPU oneDNN's bf16 brgemm for bf16 weights, else the chunked torch path), "
-        "`triton`, `brgemm`, `torch`.", FP32_HEAD_IMPLS)
+        "CPU, for bf16 weights, oneDNN's bf16 brgemm where the CPU has AMX, else "
+        "the `blocked` kernel; the chunked torch path for fp32 weights), "
+        "`triton`, `brgemm`, `blocked`, `torch`.", FP32_HEAD_IMPLS)
     weight_version_start: int = _opt(
         0, "Weight version reported before the first update; each successful "
         "update adds one.")

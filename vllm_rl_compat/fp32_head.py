@@ -32,8 +32,9 @@ vLLM's own oneDNN handle for the head (still built, unused in ``compute`` and
 ``weights``), engines with ``fp32_head="off"`` or without ``VLLM_RL_COMPAT=1``.
 
 Transient memory (``compute``) beyond the fp32 logits: on CPU with a bf16
-weight (oneDNN brgemm, ``ops/fp32_linear_cpu``) a packed copy of 64 token rows
-(64 x H x 2 bytes) and one 256 x 64 fp32 tile per thread; on the chunked torch
+weight (``ops/fp32_linear_cpu``) a packed copy of 64 token rows (64 x H x 2
+bytes) and one 256 x 64 fp32 tile per thread (brgemm, AMX), or an fp32 copy of
+the token rows and one 128 KiB fp32 weight block per thread (blocked); on the chunked torch
 fallback one fp32 chunk of 4096 vocabulary rows (4096 x H x 4 bytes, 9.4 MB
 for H=576) plus one fp32 copy of the hidden states; on CUDA none. ``weights`` holds V x H x 4 bytes
 (plus the same again in vLLM's oneDNN handle on CPU for an untied head).
@@ -92,11 +93,12 @@ def select_impl(device_type: str, preference: str, mode: str = "compute") -> str
 
     CUDA: the Triton kernel (``auto``/``triton``) or ``torch``, which is
     ``torch.mm(out_dtype=float32)`` for 16-bit weights. CPU: ``auto`` keeps
-    the choice per call inside ``fp32_linear`` -- oneDNN's bf16 brgemm for a
-    bf16 weight (built here, at model construction, so a first-time compile
-    happens at start-up), the chunked torch path for an fp32 weight
-    (``weights`` mode) or where the kernel is unavailable; ``brgemm`` insists
-    on the kernel, ``torch`` on the chunked path.
+    the choice per call inside ``fp32_linear`` -- for a bf16 weight oneDNN's
+    bf16 brgemm where the CPU has it (AMX), else the ``blocked`` kernel (both
+    built here, at model construction, so a first-time compile happens at
+    start-up); the chunked torch path for an fp32 weight (``weights`` mode) or
+    where no kernel is available. ``brgemm`` / ``blocked`` insist on that
+    kernel, ``torch`` on the chunked path.
     """
     from vllm_rl_compat.ops import fp32_linear_cpu
 
@@ -104,18 +106,20 @@ def select_impl(device_type: str, preference: str, mode: str = "compute") -> str
         return ValueError(f"{CONFIG_KEY}.fp32_head_impl={preference!r} {why}; use 'auto' or "
                           f"'torch'.")
 
+    cpu_routes = fp32_linear_cpu.ROUTES
     if device_type == "cuda":
-        if preference == "brgemm":
-            raise bad("is the CPU kernel, this engine runs on 'cuda'")
+        if preference in cpu_routes:
+            raise bad(f"is a CPU kernel, this engine runs on 'cuda'")
         return "torch" if preference == "torch" else "triton"
     if preference == "triton":
         raise bad(f"needs a CUDA device, this engine runs on {device_type!r}")
-    if preference == "brgemm" and mode == "weights":
+    if preference in cpu_routes and mode == "weights":
         raise bad(f"takes bf16 weights, but {CONFIG_KEY}.fp32_head='weights' holds fp32 weights")
-    if preference == "brgemm" and not fp32_linear_cpu.available():
-        raise bad("needs the CPU brgemm kernel, which is unavailable here (see the log)")
+    if preference in cpu_routes and not fp32_linear_cpu.available(preference):
+        raise bad(f"is unavailable here: {fp32_linear_cpu.unavailable_reason(preference)}")
     if preference == "auto":
-        fp32_linear_cpu.available()  # build now; falls back per call if unavailable
+        for route in cpu_routes:  # build now; each call falls back if a route is unavailable
+            fp32_linear_cpu.available(route)
     return preference
 
 

@@ -4,8 +4,10 @@ Why: RL importance ratios compare sampler and trainer log-probs, so the
 LM-head projection must give the same fp32 logits a trainer computes in fp32,
 up to fp32 accumulation error, not bf16-rounded logits.  This is the public
 entry point; it validates arguments and dispatches to the Triton kernel
-(``fp32_linear_triton``, CUDA), oneDNN's bf16 brgemm (``fp32_linear_cpu``,
-CPU, bf16 x bf16) or the chunked pure-torch path (``fp32_linear_torch``).
+(``fp32_linear_triton``, CUDA), the CPU kernels for bf16 x bf16
+(``fp32_linear_cpu``: oneDNN's bf16 brgemm where the CPU has AMX, the
+``blocked`` kernel on any other CPU) or the chunked pure-torch path
+(``fp32_linear_torch``).
 
 Accepted layouts: ``x`` and ``weight`` may have any strides, including
 row-strided views such as ``W[::2]`` or a column slice of a wider matrix;
@@ -22,7 +24,8 @@ from . import fp32_linear_cpu
 from .fp32_linear_torch import fp32_linear_torch
 from .fp32_linear_triton import SUPPORTED_DTYPES, interpreting
 
-IMPLS = ("auto", "triton", "brgemm", "torch")
+IMPLS = ("auto", "triton", "brgemm", "blocked", "torch")
+CPU_ROUTES = fp32_linear_cpu.ROUTES  # in the order ``auto`` tries them
 
 
 def _check_dtype(name: str, t: torch.Tensor) -> None:
@@ -60,25 +63,26 @@ def _validate(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
 
 
 def resolve_impl(impl: str, x: torch.Tensor, weight: torch.Tensor) -> str:
-    """``auto``: Triton on CUDA; on CPU brgemm where it applies, else torch."""
+    """``auto``: Triton on CUDA; on CPU the first CPU route that applies, else torch."""
     if impl == "auto":
         if x.is_cuda:
             return "triton"
-        return "brgemm" if _brgemm_applies(x, weight) else "torch"
+        return next((r for r in CPU_ROUTES if _cpu_route_applies(r, x, weight)), "torch")
     if impl == "triton" and not x.is_cuda and not interpreting():
         raise ValueError(f"fp32_linear: impl='triton' needs CUDA tensors (x is on {x.device}) "
                          f"or TRITON_INTERPRET=1 for the CPU interpreter")
-    if impl == "brgemm" and not _brgemm_applies(x, weight):
-        raise ValueError(f"fp32_linear: impl='brgemm' needs bf16 x and weight on a CPU with "
-                         f"bf16 brgemm, an even H and weight.stride(1) == 1 (got x {x.dtype} "
-                         f"on {x.device}, weight {weight.dtype} with stride "
-                         f"{tuple(weight.stride())}, H={x.shape[1]}, kernel available="
-                         f"{fp32_linear_cpu.available()})")
+    if impl in CPU_ROUTES and not _cpu_route_applies(impl, x, weight):
+        even = ", an even H" if impl == "brgemm" else ""
+        raise ValueError(f"fp32_linear: impl={impl!r} needs bf16 x and weight on a CPU where "
+                         f"the kernel is available{even} and weight.stride(1) == 1 (got x "
+                         f"{x.dtype} on {x.device}, weight {weight.dtype} with stride "
+                         f"{tuple(weight.stride())}, H={x.shape[1]}, kernel: "
+                         f"{fp32_linear_cpu.unavailable_reason(impl) or 'available'})")
     return impl
 
 
-def _brgemm_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    return fp32_linear_cpu.eligible(x, weight) and fp32_linear_cpu.available()
+def _cpu_route_applies(route: str, x: torch.Tensor, weight: torch.Tensor) -> bool:
+    return fp32_linear_cpu.eligible(x, weight, route) and fp32_linear_cpu.available(route)
 
 
 def fp32_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
@@ -94,14 +98,15 @@ def fp32_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     propagates; an inf may come out as NaN in mixed-dtype (split) mode.  The
     output is a new contiguous fp32 tensor; inputs are never modified or
     copied whole.
-    ``impl``: "auto" (Triton on CUDA; on CPU brgemm for bf16 x bf16, torch
-    otherwise), "triton", "brgemm" or "torch".
+    ``impl``: "auto" (Triton on CUDA; on CPU for bf16 x bf16 brgemm where
+    oneDNN has it, else the blocked kernel; torch otherwise), "triton",
+    "brgemm", "blocked" or "torch".
     """
     _validate(x, weight, bias, impl)
     resolved = resolve_impl(impl, x, weight)
     if resolved == "triton":
         from .fp32_linear_triton import fp32_linear_triton
         return fp32_linear_triton(x, weight, bias)
-    if resolved == "brgemm":
-        return fp32_linear_cpu.fp32_linear_cpu(x, weight, bias)
+    if resolved in CPU_ROUTES:
+        return fp32_linear_cpu.fp32_linear_cpu(x, weight, bias, route=resolved)
     return fp32_linear_torch(x, weight, bias)
