@@ -23,8 +23,9 @@ def register() -> None:
 
 @functools.lru_cache(maxsize=None)
 def _register_once() -> None:
-    from vllm_rl_compat import engine_settings, fp32_head, weight_sync
+    from vllm_rl_compat import engine_settings, fp32_head, seeded_sampling, weight_sync
 
     engine_settings.install()
     fp32_head.install()
+    seeded_sampling.install()
     weight_sync.install_version_label()

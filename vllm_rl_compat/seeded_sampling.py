@@ -1,0 +1,156 @@
+"""Seeded sampling with chunked prefill on CPU: rewind by state, not by offset.
+
+Why: when a request's prefill is split over several steps, vLLM still samples
+a token for it at every partial step and throws that token away
+(``discard_request_mask``). So that the throw-away draw does not advance the
+request's seeded generator, ``GPUModelRunner._bookkeeping_sync`` (inherited by
+the CPU model runner) rewinds it with ``gen.set_offset(gen.get_offset() - 4)``.
+That is a Philox (CUDA) operation: a CPU generator (mt19937) has no offset and
+raises ``RuntimeError: CPU Generator does not use offset``, which kills the
+engine as soon as a seeded request is prefilled in chunks (long prompts, large
+batches, ``n > 1``).
+
+What it changes (only where vLLM's CPU model runner is loaded, i.e. in worker
+processes, installed by ``plugin._register_once``): two methods of
+``CPUModelRunner`` are wrapped (``GPUModelRunner`` itself is not touched).
+
+* ``_sample``: before the sampler runs, the state (``get_state()``) of every
+  CPU generator of a request whose sample will be discarded is saved.
+* ``_bookkeeping_sync``: those generators get their saved state back
+  (``set_state()``), and vLLM's offset rewind does not see them (for the
+  duration of the call, ``input_batch.generators`` is a copy without them).
+
+The discarded draw therefore leaves the request's generator exactly as it was:
+a seeded request samples the same tokens whether or not its prefill was
+chunked (and whatever it was batched with, the logits being equal).
+
+What it does not modify: the sampler, its inputs and its outputs (discarded
+rows are still sampled with their own generator, then rewound); requests
+without a seed; requests whose sample is kept; generators on other devices
+(CUDA keeps vLLM's own offset rewind); processes that never load the CPU
+model runner (front end, engine core); engines without ``VLLM_RL_COMPAT=1``.
+
+Fallback: none. If vLLM's runner no longer has ``_sample`` or
+``_bookkeeping_sync``, the patch raises ``RuntimeError`` naming the symbol
+when the CPU model runner is loaded, so the worker fails start-up.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.abc
+import sys
+from typing import Any
+
+import numpy as np
+
+RUNNER_MODULE = "vllm.v1.worker.cpu_model_runner"
+RUNNER_CLASS = "CPUModelRunner"
+_INSTALLED_FLAG = "_rl_compat_seeded_sampling"
+_SAVED_ATTR = "_rl_compat_discarded_generator_states"
+
+
+def _discarded_cpu_generators(runner: Any) -> dict[int, tuple[Any, Any]]:
+    """``{row: (generator, state)}`` for the seeded CPU rows sampled and discarded."""
+    generators = runner.input_batch.generators
+    if not generators:
+        return {}
+    num_reqs = runner.input_batch.num_reqs
+    saved = {}
+    for row in np.flatnonzero(runner.discard_request_mask.np[:num_reqs]):
+        gen = generators.get(int(row))
+        if gen is not None and gen.device.type == "cpu":
+            saved[int(row)] = (gen, gen.get_state())
+    return saved
+
+
+def patch_runner(cls: type) -> None:
+    """Wrap ``cls._sample`` and ``cls._bookkeeping_sync`` (idempotent)."""
+    if cls.__dict__.get(_INSTALLED_FLAG, False):
+        return
+    originals = {}
+    for name in ("_sample", "_bookkeeping_sync"):
+        method = getattr(cls, name, None)
+        if not callable(method):
+            raise RuntimeError(
+                f"vllm_rl_compat.seeded_sampling: {cls.__module__}.{cls.__qualname__}.{name} "
+                f"is missing in this vLLM version; the chunked-prefill fix for seeded "
+                f"sampling on CPU cannot be installed.")
+        originals[name] = method
+
+    @functools.wraps(originals["_sample"])
+    def _sample(self: Any, *args: Any, **kwargs: Any) -> Any:
+        # Overwritten every step: a snapshot never outlives its own step.
+        self.__dict__[_SAVED_ATTR] = _discarded_cpu_generators(self)
+        return originals["_sample"](self, *args, **kwargs)
+
+    @functools.wraps(originals["_bookkeeping_sync"])
+    def _bookkeeping_sync(self: Any, *args: Any, **kwargs: Any) -> Any:
+        saved = self.__dict__.pop(_SAVED_ATTR, None)
+        if not saved:
+            return originals["_bookkeeping_sync"](self, *args, **kwargs)
+        for gen, state in saved.values():
+            gen.set_state(state)
+        batch = self.input_batch
+        generators = batch.generators
+        batch.generators = {i: g for i, g in generators.items() if i not in saved}
+        try:
+            return originals["_bookkeeping_sync"](self, *args, **kwargs)
+        finally:
+            batch.generators = generators
+
+    cls._sample = _sample
+    cls._bookkeeping_sync = _bookkeeping_sync
+    setattr(cls, _INSTALLED_FLAG, True)
+
+
+def _patch_module(module: Any) -> None:
+    cls = getattr(module, RUNNER_CLASS, None)
+    if cls is None:
+        raise RuntimeError(f"vllm_rl_compat.seeded_sampling: {RUNNER_MODULE}.{RUNNER_CLASS} "
+                           f"is missing in this vLLM version.")
+    patch_runner(cls)
+
+
+class _PatchOnImport(importlib.abc.MetaPathFinder):
+    """Patches the CPU model runner right after its module is executed.
+
+    Only worker processes import that module (after plugins are loaded), so
+    the front end and the engine core never import it for this patch.
+    """
+
+    def find_spec(self, fullname: str, path: Any = None, target: Any = None) -> Any:
+        if fullname != RUNNER_MODULE:
+            return None
+        for finder in sys.meta_path:
+            find = getattr(finder, "find_spec", None)
+            if finder is self or find is None:
+                continue
+            spec = find(fullname, path, target)
+            if spec is not None:
+                break
+        else:
+            return None
+        loader = spec.loader
+        real_exec = loader.exec_module
+
+        def exec_module(module: Any) -> None:
+            try:
+                real_exec(module)
+            finally:
+                vars(loader).pop("exec_module", None)
+            _patch_module(module)
+            if self in sys.meta_path:
+                sys.meta_path.remove(self)
+
+        loader.exec_module = exec_module
+        return spec
+
+
+def install() -> None:
+    """Patch the CPU model runner now if it is loaded, else when it is (idempotent)."""
+    module = sys.modules.get(RUNNER_MODULE)
+    if module is not None:
+        _patch_module(module)
+    elif not any(isinstance(f, _PatchOnImport) for f in sys.meta_path):
+        sys.meta_path.insert(0, _PatchOnImport())
