@@ -6,9 +6,10 @@ in its own child process with RL mode on (same engine settings otherwise):
 * ``bf16``   -- ``rl_compat.fp32_head="off"``: vLLM's model-dtype head;
 * ``native`` -- ``fp32_head="off"`` + ``hf_overrides={"head_dtype": "float32"}``:
   vLLM's own fp32 head (casts the V x H weight to fp32 every step on CPU);
-* ``ours``   -- ``fp32_head="compute"`` (the default: oneDNN bf16 brgemm on CPU);
+* ``ours``   -- ``fp32_head="compute"`` (the default, ``fp32_head_impl="auto"``:
+  oneDNN bf16 brgemm on CPUs with AMX, the blocked kernel on other CPUs);
 * ``ours_torch`` -- the same with ``fp32_head_impl="torch"`` (the chunked
-  fallback used where the brgemm kernel cannot be built).
+  fallback used where no CPU kernel can be built).
 
 Throughput: ``--prompts`` prompts x ``--tokens`` new tokens, ``ignore_eos``,
 after one warm-up batch; best of ``--repeats`` timed batches (the machine is
@@ -23,7 +24,15 @@ clip rate at eps=0.2).
 Head memory: peak bytes allocated beyond inputs and output by one head call
 (SmolLM2 head shape, ``--prompts`` rows), from torch's CPU memory profiler.
 
+Head calls alone (``--head-calls``): the four head computations on the
+SmolLM2 head (49152 x 576) and a 262k-vocabulary head (262144 x 640), at 1, 32,
+256 and 2048 rows, all in one run (each head shape and path in a fresh process;
+time = best of repeated calls, memory = resident-set growth over the first call
+minus the output). Written to ``benchmarks/results/fp32_head_calls_<cpu kind>.md``
+with a header naming the machine (``benchmarks/machine.py``).
+
 Usage: ``python benchmarks/bench_fp32_head.py [--out benchmarks/results/fp32_head_cpu.md]``
+       ``python benchmarks/bench_fp32_head.py --head-calls``
 """
 
 from __future__ import annotations
@@ -135,16 +144,20 @@ def trainer_logprobs(model_dir: str, rollouts: list[dict], temperature: float) -
 # ------------------------------------------------------------------ head memory
 
 
-def _head_paths(rows: int) -> dict[str, Any]:
-    """The head computations on the SmolLM2 head shape (49152 x 576, bf16)."""
+HEAD_SHAPES = {"smollm2": (49152, 576), "vocab262k": (262144, 640)}  # V x H
+HEAD_ROWS = (1, 32, 256, 2048)
+
+
+def _head_paths(rows: int, V: int = 49152, H: int = 576) -> dict[str, Any]:
+    """The head computations on a V x H bf16 head (default: the SmolLM2 shape)."""
     import torch
     import torch.nn.functional as F
 
     from vllm_rl_compat.ops import fp32_linear
 
     torch.manual_seed(0)
-    w = torch.randn(49152, 576, dtype=torch.bfloat16) * 0.05  # no fp32 temporary
-    h = torch.randn(rows, 576, dtype=torch.bfloat16)
+    w = torch.randn(V, H, dtype=torch.bfloat16) * 0.05  # no fp32 temporary
+    h = torch.randn(rows, H, dtype=torch.bfloat16)
     return {
         "bf16": _vllm_bf16_head(w, h),
         "native": lambda: F.linear(h.float(), w.float()),
@@ -200,14 +213,91 @@ def head_memory(rows: int) -> dict[str, dict[str, float]]:
     return res
 
 
-def _best_ms(fn: Any, n: int = 15) -> float:
+def _best_ms(fn: Any, n: int = 15, budget_s: float = 4.0) -> float:
+    """Best of up to ``n`` timed calls after a warm-up; at least two, and no more
+    once ``budget_s`` is spent (slow paths at 2048 rows take seconds per call)."""
     fn()
-    best = float("inf")
-    for _ in range(n):
+    best, spent = float("inf"), 0.0
+    for i in range(n):
         start = time.perf_counter()
         fn()
-        best = min(best, time.perf_counter() - start)
+        took = time.perf_counter() - start
+        best, spent = min(best, took), spent + took
+        if i >= 1 and spent > budget_s:
+            break
     return best * 1e3
+
+
+def calls_child(path: str, V: int, H: int) -> dict[str, dict[str, Any]]:
+    """Child: every row count of ``HEAD_ROWS`` for one head shape and path."""
+    import torch
+
+    from vllm_rl_compat.ops.fp32_linear import resolve_impl
+
+    res = {}
+    for rows in HEAD_ROWS:
+        fn = _head_paths(rows, V, H)[path]
+        before = _status_kib("VmRSS")
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        out = fn()
+        extra = (_status_kib("VmHWM") - before) * 1024 - out.numel() * out.element_size()
+        del out
+        impl = resolve_impl("auto", torch.empty(rows, H, dtype=torch.bfloat16),
+                            torch.empty(V, H, dtype=torch.bfloat16)) if path == "ours" else path
+        res[str(rows)] = {"ms": _best_ms(fn), "extra_MB": max(extra, 0) / 2**20, "impl": impl}
+    return res
+
+
+def head_calls(out_dir: Path) -> Path:
+    """All head shapes x paths x rows in one run; writes the results file."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import machine
+
+    load_before = machine.load()
+    res: dict[str, dict[str, Any]] = {}
+    for shape, (V, H) in HEAD_SHAPES.items():
+        for path in VARIANTS:
+            proc = subprocess.run([sys.executable, __file__, "--calls-child", path,
+                                   "--calls-shape", shape, "--model", "unused"],
+                                  capture_output=True, text=True)
+            if proc.returncode != 0:
+                raise RuntimeError(proc.stderr[-3000:])
+            res.setdefault(shape, {})[path] = json.loads(_last_json_line(proc.stdout))
+    text = machine.header("fp32 lm_head on CPU: the head call alone", load_before)
+    text += "\n" + render_calls(res) + "\n"
+    out = out_dir / f"fp32_head_calls_{machine.cpu_kind()}.md"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
+    out.with_suffix(".json").write_text(json.dumps(res, indent=1))
+    print(text)
+    return out
+
+
+def render_calls(res: dict[str, dict[str, Any]]) -> str:
+    lines = ["| head (V x H) | rows | bf16 ms | native ms | ours ms | ours route | ours / bf16 "
+             "| ours_torch ms | extra MB (bf16 / native / ours / ours_torch) |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for shape, paths in res.items():
+        V, H = HEAD_SHAPES[shape]
+        for rows in map(str, HEAD_ROWS):
+            r = {p: paths[p][rows] for p in VARIANTS}
+            mem = " / ".join(f"{r[p]['extra_MB']:.1f}" for p in VARIANTS)
+            lines.append(f"| {shape} ({V} x {H}) | {rows} | {r['bf16']['ms']:.2f} "
+                         f"| {r['native']['ms']:.2f} | {r['ours']['ms']:.2f} "
+                         f"| {r['ours']['impl']} | {r['ours']['ms'] / r['bf16']['ms']:.2f}x "
+                         f"| {r['ours_torch']['ms']:.2f} | {mem} |")
+    return "\n".join(lines + ["", CALLS_NOTE])
+
+
+CALLS_NOTE = """Each head shape and path runs in a fresh process; times are the best of
+repeated calls (at least two, up to 15 or about 4 s) after one warm-up call.
+"bf16" is what vLLM's CPU head runs for a bf16 weight: its pre-packed oneDNN
+handle, or `F.linear` where oneDNN cannot build a bf16 matmul (AVX2-only CPUs).
+"native" is vLLM's `head_dtype=float32` path (`F.linear(h.float(), W.float())`);
+"ours" is `fp32_linear` with `impl="auto"` (the route it took is named);
+"ours_torch" the chunked torch fallback. Extra MB: resident-set growth over
+the first call (high-water mark reset just before it) minus the fp32 output."""
 
 
 # ------------------------------------------------------------------ report
@@ -244,8 +334,8 @@ shape (49152 x 576, bf16) for the same number of rows as prompts, each path in a
 fresh process; peak extra memory is the growth of the process's resident set over
 the call (high-water mark reset just before it), minus the output. "bf16" is
 vLLM's pre-packed oneDNN handle (``F.linear`` where oneDNN cannot build one);
-"ours" is `fp32_head_impl: auto` (the CPU brgemm kernel where the CPU has bf16
-instructions), "ours_torch" the chunked fallback."""
+"ours" is `fp32_head_impl: auto` (the CPU brgemm kernel where oneDNN has it,
+else the blocked kernel), "ours_torch" the chunked fallback."""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -262,7 +352,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--child", choices=list(VARIANTS), help=argparse.SUPPRESS)
     p.add_argument("--mem-child", choices=list(VARIANTS), help=argparse.SUPPRESS)
     p.add_argument("--memory-only", action="store_true", help="only the head-call table")
+    p.add_argument("--head-calls", action="store_true",
+                   help="head calls alone: both head shapes, 1-2048 rows (results file)")
+    p.add_argument("--results-dir", type=Path, default=Path(__file__).parent / "results")
+    p.add_argument("--calls-child", choices=list(VARIANTS), help=argparse.SUPPRESS)
+    p.add_argument("--calls-shape", choices=list(HEAD_SHAPES), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.calls_child:
+        print(json.dumps(calls_child(args.calls_child, *HEAD_SHAPES[args.calls_shape])))
+        return 0
+    if args.head_calls:
+        head_calls(args.results_dir)
+        return 0
     if args.model is None:
         from vllm_rl_compat.models import default_model_dir
 

@@ -145,7 +145,7 @@ def main() -> None:
     state = load_state(model)
     rows, sync = bench_sources(model, state, args, "", broadcast=True)
     if not args.no_layerwise:
-        os.environ["VLLM_RL_COMPAT_FAST_RELOAD"] = "0"  # read by the new engine's workers
+        os.environ["VLLM_RL_COMPAT_FAST_RELOAD"] = "0"  # read by WeightSync at each update
         more, _ = bench_sources(model, state, args, " (layerwise fallback)", broadcast=False)
         rows += more
     nbytes = sync.spec.total_bytes

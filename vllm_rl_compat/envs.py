@@ -63,7 +63,8 @@ environment_variables: dict[str, tuple[Callable[[], Any], str]] = {
     "VLLM_RL_COMPAT_FAST_RELOAD": (
         _flag("VLLM_RL_COMPAT_FAST_RELOAD", default="1"),
         "`0` makes weight updates on CPU use vLLM's layerwise reload instead of "
-        "`fast_reload` (for comparisons; default `1`).",
+        "`fast_reload` (for comparisons; default `1`); read by the front end at "
+        "each update.",
     ),
 }
 

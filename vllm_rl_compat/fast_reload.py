@@ -57,7 +57,7 @@ parameters that is not one of the kinds above (a custom quant method,
 an MLA ``_cpu_skip_gemm_dispatch`` layer, a layer with its own
 ``process_weights_after_loading``). The decision
 is per model, made once per worker and logged; ``VLLM_RL_COMPAT_FAST_RELOAD=0``
-forces the fallback (for comparisons). A failure while applying (for example
+in the front end forces the fallback for the updates it starts (for comparisons). A failure while applying (for example
 vLLM choosing to keep a weight unpacked, which raises) is reported like a
 failed layerwise reload: ``WeightSyncCorruptedError`` in the front end.
 """
@@ -72,7 +72,6 @@ import torch
 
 logger = logging.getLogger("vllm.rl_compat")
 
-ENV_SWITCH = "VLLM_RL_COMPAT_FAST_RELOAD"
 
 
 @dataclass
@@ -229,10 +228,6 @@ def fast_reload_blocker(vllm_config: Any) -> str | None:
     """Why this engine cannot use the fast path (``None``: it can)."""
     from vllm.platforms import current_platform
 
-    from vllm_rl_compat import envs
-
-    if not envs.VLLM_RL_COMPAT_FAST_RELOAD:
-        return f"{ENV_SWITCH}=0"
     if not current_platform.is_cpu() or current_platform.is_zen_cpu():
         return "not the plain CPU platform"
     if vllm_config.model_config.quantization is not None:

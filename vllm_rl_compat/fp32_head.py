@@ -109,7 +109,7 @@ def select_impl(device_type: str, preference: str, mode: str = "compute") -> str
     cpu_routes = fp32_linear_cpu.ROUTES
     if device_type == "cuda":
         if preference in cpu_routes:
-            raise bad(f"is a CPU kernel, this engine runs on 'cuda'")
+            raise bad("is a CPU kernel, this engine runs on 'cuda'")
         return "torch" if preference == "torch" else "triton"
     if preference == "triton":
         raise bad(f"needs a CUDA device, this engine runs on {device_type!r}")

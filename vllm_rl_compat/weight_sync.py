@@ -352,6 +352,13 @@ def _not_installed(exc: Exception) -> RuntimeError:
         "vllm_rl_compat.worker_extension.WeightSyncExtension): " + str(exc))
 
 
+def _allow_fast() -> bool:
+    """Read per update, so one engine can compare both apply paths."""
+    from vllm_rl_compat import envs
+
+    return envs.VLLM_RL_COMPAT_FAST_RELOAD
+
+
 def _stage_failed(exc: Exception) -> WeightUpdateError:
     if isinstance(exc, WeightUpdateError):
         return exc
@@ -434,7 +441,7 @@ class WeightSync:
                     self._rpc("rl_compat_drop_staged")
                     raise _stage_failed(exc) from exc
                 try:
-                    self.last_apply = self._rpc("rl_compat_apply_staged")
+                    self.last_apply = self._rpc("rl_compat_apply_staged", _allow_fast())
                 except Exception as exc:  # noqa: BLE001
                     raise WeightSyncCorruptedError(
                         f"applying a validated update failed: {exc}") from exc
@@ -524,7 +531,7 @@ class AsyncWeightSync:
                     await self._rpc("rl_compat_drop_staged")
                     raise _stage_failed(exc) from exc
                 try:
-                    self.last_apply = await self._rpc("rl_compat_apply_staged")
+                    self.last_apply = await self._rpc("rl_compat_apply_staged", _allow_fast())
                 except Exception as exc:  # noqa: BLE001
                     raise WeightSyncCorruptedError(
                         f"applying a validated update failed: {exc}") from exc

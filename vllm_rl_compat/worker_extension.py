@@ -89,15 +89,18 @@ class WeightSyncExtension:
         return had
 
     # -------------------------------------------------------------- apply
-    def rl_compat_apply_staged(self) -> dict[str, Any]:
-        """Load the staged update in place, then refresh derived head state."""
+    def rl_compat_apply_staged(self, allow_fast: bool = True) -> dict[str, Any]:
+        """Load the staged update in place, then refresh derived head state.
+
+        ``allow_fast=False`` takes vLLM's layerwise reload for this update (the
+        front end reads ``VLLM_RL_COMPAT_FAST_RELOAD`` per update)."""
         staged = getattr(self, "_rl_compat_staged", None)
         if staged is None:
             raise RuntimeError("rl_compat_apply_staged: nothing is staged.")
         self._rl_compat_staged = None
         kind, payload = staged
         model = self.model_runner.get_model()
-        fast = self._rl_compat_fast_reloader()
+        fast = self._rl_compat_fast_reloader() if allow_fast else None
         if fast is not None:
             self._rl_compat_apply_fast(fast, model, _iter_payload(kind, payload))
         else:

@@ -70,24 +70,44 @@ __attribute__((target("avx2,fma"))) inline float hsum(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
+// One weight row at a time, so each thread streams one contiguous range of w
+// (interleaving 4 rows to share the x loads was 1.4x slower on the 56 MB
+// SmolLM2 head: DRAM-bound, and the prefetcher prefers one stream). 16 bf16
+// weights are one 256-bit load; as eight 32-bit lanes, a left shift by 16
+// gives the even elements as fp32 and masking the low half gives the odd
+// ones (no cross-lane conversion), with one FMA chain each. x comes pre-split
+// the same way (xs: per group of 16, its 8 even then its 8 odd elements; Hs =
+// H rounded down to 16); the tail of each row is scalar.
 template <int T>
 __attribute__((target("avx2,fma"))) void gemv_rows_avx2(const float* x, int64_t H,
                                                         const uint16_t* w, int64_t ldw,
                                                         int64_t v0, int64_t v1, float* out,
                                                         int64_t ldo) {
+  const int64_t Hs = H / 16 * 16;
+  std::vector<float> xs(T * Hs);
+  for (int t = 0; t < T; ++t)
+    for (int64_t h = 0; h < Hs; h += 16)
+      for (int i = 0; i < 8; ++i) {
+        xs[t * Hs + h + i] = x[t * H + h + 2 * i];
+        xs[t * Hs + h + 8 + i] = x[t * H + h + 2 * i + 1];
+      }
+  const __m256i high = _mm256_set1_epi32(int(0xFFFF0000u));
   for (int64_t v = v0; v < v1; ++v) {
     const uint16_t* row = w + v * ldw;
-    __m256 acc[T];
-    for (int t = 0; t < T; ++t) acc[t] = _mm256_setzero_ps();
-    int64_t h = 0;
-    for (; h + 8 <= H; h += 8) {
-      const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + h));
-      const __m256 wv = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
-      for (int t = 0; t < T; ++t) acc[t] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + t * H + h), acc[t]);
+    __m256 acc_even[T], acc_odd[T];
+    for (int t = 0; t < T; ++t) acc_even[t] = acc_odd[t] = _mm256_setzero_ps();
+    for (int64_t h = 0; h < Hs; h += 16) {
+      const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + h));
+      const __m256 even = _mm256_castsi256_ps(_mm256_slli_epi32(raw, 16));
+      const __m256 odd = _mm256_castsi256_ps(_mm256_and_si256(raw, high));
+      for (int t = 0; t < T; ++t) {
+        acc_even[t] = _mm256_fmadd_ps(even, _mm256_loadu_ps(xs.data() + t * Hs + h), acc_even[t]);
+        acc_odd[t] = _mm256_fmadd_ps(odd, _mm256_loadu_ps(xs.data() + t * Hs + h + 8), acc_odd[t]);
+      }
     }
     for (int t = 0; t < T; ++t) {
-      float sum = hsum(acc[t]);
-      for (int64_t r = h; r < H; ++r) sum += widen(row[r]) * x[t * H + r];
+      float sum = hsum(_mm256_add_ps(acc_even[t], acc_odd[t]));
+      for (int64_t k = Hs; k < H; ++k) sum += widen(row[k]) * x[t * H + k];
       out[t * ldo + v] = sum;
     }
   }
