@@ -46,6 +46,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import machine  # noqa: E402  (benchmarks/machine.py: the results-file header)
+
 VARIANTS: dict[str, dict[str, Any]] = {
     "bf16": {"rl_compat": {"fp32_head": "off"}},
     "native": {"rl_compat": {"fp32_head": "off"}, "hf_overrides": {"head_dtype": "float32"}},
@@ -251,9 +254,6 @@ def calls_child(path: str, V: int, H: int) -> dict[str, dict[str, Any]]:
 
 def head_calls(out_dir: Path) -> Path:
     """All head shapes x paths x rows in one run; writes the results file."""
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    import machine
-
     load_before = machine.load()
     res: dict[str, dict[str, Any]] = {}
     for shape, (V, H) in HEAD_SHAPES.items():
@@ -307,9 +307,7 @@ def render(results: dict[str, dict], metrics: dict[str, Any], memory: dict[str, 
            args: argparse.Namespace) -> str:
     base = results["bf16"]["tok_per_s"]
     lines = [
-        "# fp32 lm_head on CPU (SmolLM2-135M-Instruct, bf16 body)", "",
-        f"`python benchmarks/bench_fp32_head.py` -- {args.prompts} prompts x {args.tokens} "
-        f"tokens (ignore_eos), best of {args.repeats}; 2 shared CPU cores, noisy; "
+        f"{args.prompts} prompts x {args.tokens} tokens (ignore_eos), best of {args.repeats}; "
         f"enforce_eager={args.enforce_eager}.", "",
         "| head | decode tok/s | vs bf16 | head call ms | head peak extra MB |",
         "|---|---|---|---|---|"]
@@ -379,13 +377,16 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from vllm_rl_compat.parity.metrics import compute_metrics
 
+    load_before = machine.load()
     memory = head_memory(args.prompts)  # quick: fails before the long runs, not after
     results = {v: run_child(v, args) for v in args.variants.split(",")}
     metrics = {}
     for name, r in results.items():
         ref = trainer_logprobs(args.model, r["rollouts"], args.temperature)
         metrics[name] = vars(compute_metrics(ref, [x["logprobs"] for x in r["rollouts"]]))
-    text = render(results, metrics, memory, args)
+    text = machine.header("fp32 lm_head on CPU: decode throughput and parity "
+                          "(SmolLM2-135M-Instruct, bf16 body)", load_before)
+    text += "\n" + render(results, metrics, memory, args)
     print(text)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
