@@ -31,8 +31,17 @@ time = best of repeated calls, memory = resident-set growth over the first call
 minus the output). Written to ``benchmarks/results/fp32_head_calls_<cpu kind>.md``
 with a header naming the machine (``benchmarks/machine.py``).
 
+Decode (``--decode``): tok/s of the bf16, native and ours heads at 1, 32 and
+256 concurrent sequences on SmolLM2-135M-Instruct and on a seeded random
+Llama with the 262k-vocabulary head (2 layers, hidden 640); per model the
+three engines stay up in child processes and the measurements alternate
+between them (``--repeats`` rounds, best kept), so drift on a shared machine
+hits every head alike. Written to ``benchmarks/results/fp32_head_decode_<cpu
+kind>.md`` with the machine header.
+
 Usage: ``python benchmarks/bench_fp32_head.py [--out benchmarks/results/fp32_head_cpu.md]``
        ``python benchmarks/bench_fp32_head.py --head-calls``
+       ``python benchmarks/bench_fp32_head.py --decode [--batches 1,32,256] [--tokens 16]``
 """
 
 from __future__ import annotations
@@ -300,6 +309,112 @@ handle, or `F.linear` where oneDNN cannot build a bf16 matmul (AVX2-only CPUs).
 the first call (high-water mark reset just before it) minus the fp32 output."""
 
 
+# ------------------------------------------------------------------ decode
+
+DECODE_VARIANTS = ("bf16", "native", "ours")
+VOCAB262K = {"model_type": "llama", "architectures": ["LlamaForCausalLM"],
+             "vocab_size": 262144, "tie_word_embeddings": False, "hidden_size": 640,
+             "intermediate_size": 1728, "num_hidden_layers": 2, "num_attention_heads": 10,
+             "num_key_value_heads": 5, "head_dim": 64, "max_position_embeddings": 512,
+             "rms_norm_eps": 1e-5, "rope_theta": 10000.0}
+MARKER = "BENCH_DECODE "  # vLLM logs to stdout too
+
+
+def decode_models() -> dict[str, str]:
+    from vllm_rl_compat.models import default_model_dir, random_model_dir
+
+    return {"smollm2": str(default_model_dir()),
+            "vocab262k": str(random_model_dir("bench-llama-vocab262k", VOCAB262K))}
+
+
+def decode_child(variant: str, model: str) -> None:
+    """Child: one engine; answers ``{"batch", "tokens"}`` lines with decode tok/s."""
+    from vllm import LLM, SamplingParams
+
+    spec = VARIANTS[variant]
+    llm = LLM(model=model, dtype="bfloat16", seed=0, max_model_len=512, max_num_seqs=256,
+              enforce_eager=True, additional_config={"rl_compat": spec["rl_compat"]},
+              hf_overrides=spec.get("hf_overrides"))
+    print(MARKER + json.dumps({"ready": True}), flush=True)
+    for line in sys.stdin:
+        req = json.loads(line)
+        prompts = [{"prompt_token_ids": [(i * 7 + j * 13) % 40000 + 100 for j in range(16)]}
+                   for i in range(req["batch"])]
+        params = SamplingParams(max_tokens=req["tokens"], ignore_eos=True, temperature=1.0,
+                                seed=0, detokenize=False)
+        start = time.perf_counter()
+        outs = llm.generate(prompts, params, use_tqdm=False)
+        took = time.perf_counter() - start
+        tokens = sum(len(o.outputs[0].token_ids) for o in outs)
+        print(MARKER + json.dumps({"tok_per_s": tokens / took}), flush=True)
+
+
+def _ask(proc: subprocess.Popen, request: dict | None = None) -> dict:
+    if request is not None:
+        proc.stdin.write(json.dumps(request) + "\n")
+        proc.stdin.flush()
+    for line in proc.stdout:
+        if line.startswith(MARKER):
+            return json.loads(line[len(MARKER):])
+    raise RuntimeError(f"decode child exited (code {proc.wait()})")
+
+
+def decode(args: argparse.Namespace) -> Path:
+    """Every model x batch size, the heads alternating; writes the results file."""
+    load_before = machine.load()
+    batches = [int(b) for b in args.batches.split(",")]
+    res: dict[str, dict[str, dict[str, float]]] = {}
+    for name, model in decode_models().items():
+        procs = {v: subprocess.Popen([sys.executable, __file__, "--decode-child", v,
+                                      "--model", model], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, text=True)
+                 for v in DECODE_VARIANTS}
+        try:
+            for proc in procs.values():
+                _ask(proc)  # engine up
+            for batch in batches:
+                best = dict.fromkeys(DECODE_VARIANTS, 0.0)
+                for v in DECODE_VARIANTS:  # warm-up at this batch size
+                    _ask(procs[v], {"batch": batch, "tokens": 4})
+                for r in range(args.repeats):
+                    order = DECODE_VARIANTS if r % 2 == 0 else DECODE_VARIANTS[::-1]
+                    for v in order:
+                        got = _ask(procs[v], {"batch": batch, "tokens": args.tokens})
+                        best[v] = max(best[v], got["tok_per_s"])
+                res.setdefault(name, {})[str(batch)] = best
+                print(name, batch, best, flush=True)
+        finally:
+            for proc in procs.values():
+                proc.stdin.close()
+                proc.wait(timeout=120)
+    text = machine.header("fp32 lm_head on CPU: decode throughput", load_before)
+    text += "\n" + render_decode(res, args) + "\n"
+    out = args.results_dir / f"fp32_head_decode_{machine.cpu_kind()}.md"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
+    out.with_suffix(".json").write_text(json.dumps(res, indent=1))
+    print(text)
+    return out
+
+
+def render_decode(res: dict[str, dict[str, dict[str, float]]], args: argparse.Namespace) -> str:
+    lines = ["| model | sequences | bf16 tok/s | native tok/s | ours tok/s | ours / bf16 "
+             "| native / bf16 |", "|---|---|---|---|---|---|---|"]
+    for name, by_batch in res.items():
+        for batch, r in by_batch.items():
+            lines.append(f"| {name} | {batch} | {r['bf16']:.1f} | {r['native']:.1f} "
+                         f"| {r['ours']:.1f} | {r['ours'] / r['bf16']:.3f}x "
+                         f"| {r['native'] / r['bf16']:.3f}x |")
+    note = (f"Each cell: best of {args.repeats} alternating rounds of `sequences` prompts of "
+            f"16 tokens, {args.tokens} new tokens each (ignore_eos, T = 1, seeded), generated "
+            "tokens over wall time (prefill included), enforce_eager on every engine. "
+            "\"bf16\": RL mode with `fp32_head: off` (vLLM's bf16 head); \"native\": "
+            "`fp32_head: off` + `head_dtype=float32`; \"ours\": `fp32_head: compute` "
+            "(`auto`). vocab262k: a seeded random Llama (2 layers, hidden 640, untied "
+            "262144 x 640 head), so its head dominates each step.")
+    return "\n".join(lines + ["", note])
+
+
 # ------------------------------------------------------------------ report
 
 
@@ -353,6 +468,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--head-calls", action="store_true",
                    help="head calls alone: both head shapes, 1-2048 rows (results file)")
     p.add_argument("--results-dir", type=Path, default=Path(__file__).parent / "results")
+    p.add_argument("--decode", action="store_true",
+                   help="decode tok/s at --batches concurrent sequences, both models (results file)")
+    p.add_argument("--batches", default="1,32,256")
+    p.add_argument("--decode-child", choices=list(VARIANTS), help=argparse.SUPPRESS)
     p.add_argument("--calls-child", choices=list(VARIANTS), help=argparse.SUPPRESS)
     p.add_argument("--calls-shape", choices=list(HEAD_SHAPES), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -361,6 +480,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.head_calls:
         head_calls(args.results_dir)
+        return 0
+    if args.decode_child:
+        decode_child(args.decode_child, args.model)
+        return 0
+    if args.decode:
+        decode(args)
         return 0
     if args.model is None:
         from vllm_rl_compat.models import default_model_dir

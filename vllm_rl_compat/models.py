@@ -189,12 +189,21 @@ def tiny_model_dir(kind: str, seed: int = 0, progress: bool = False) -> Path:
         )
     tok_dir = default_model_dir(progress=progress)
     config = _TINY_BUILDERS[kind](_tokenizer_vocab(tok_dir))
-    spec = {"kind": kind, "seed": seed, "config": config, "v": _TINY_RECIPE_VERSION}
+    return random_model_dir(kind, config, seed, progress)
+
+
+def random_model_dir(name: str, config: dict[str, Any], seed: int = 0,
+                     progress: bool = False) -> Path:
+    """A cached random checkpoint of the HF ``config`` dict, seeded, with the
+    SmolLM2 tokenizer (the tiny test models, and the benchmarks' large-vocabulary
+    model). Its folder name is ``name``, the seed and a digest of the recipe."""
+    tok_dir = default_model_dir(progress=progress)
+    spec = {"kind": name, "seed": seed, "config": config, "v": _TINY_RECIPE_VERSION}
     digest = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
-    target = cache_dir() / "tiny" / f"{kind}-s{seed}-{digest[:12]}"
+    target = cache_dir() / "tiny" / f"{name}-s{seed}-{digest[:12]}"
     if _is_complete(target):
         return target
-    with _spinner(f"Building tiny model {kind} (seed {seed})", progress):
+    with _spinner(f"Building random model {name} (seed {seed})", progress):
         with _atomic_dir(target) as tmp:
             _build_tiny(config, seed, tok_dir, tmp)
     return target
