@@ -362,6 +362,9 @@ def _ask(proc: subprocess.Popen, request: dict | None = None) -> dict:
 def decode(args: argparse.Namespace) -> Path:
     """Every model x batch size, the heads alternating; writes the results file."""
     load_before = machine.load()
+    # Three engines at once: each gets 2 GiB of KV cache, not vLLM's CPU default
+    # (most of the machine's memory).
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
     batches = [int(b) for b in args.batches.split(",")]
     res: dict[str, dict[str, dict[str, float]]] = {}
     for name, model in decode_models().items():
