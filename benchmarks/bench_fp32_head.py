@@ -196,20 +196,24 @@ def _status_kib(key: str) -> int:
         return next(int(line.split()[1]) for line in f if line.startswith(key + ":"))
 
 
-def mem_child(path: str, rows: int) -> dict[str, float]:
-    """Child: peak RSS growth of the first head call, minus its output.
+def _first_call_extra_mb(fn: Any) -> float:
+    """Peak RSS growth of one call of ``fn``, minus its output, in MB.
 
     The high-water mark is reset first (Linux ``clear_refs`` 5), so set-up
     allocations freed earlier do not hide the call's own peak.
     """
-    fn = _head_paths(rows)[path]
     before = _status_kib("VmRSS")
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
     out = fn()
-    peak = _status_kib("VmHWM")
-    extra = (peak - before) * 1024 - out.numel() * out.element_size()
-    return {"extra_MB": max(extra, 0) / 2**20, "ms": _best_ms(fn)}
+    extra = (_status_kib("VmHWM") - before) * 1024 - out.numel() * out.element_size()
+    return max(extra, 0) / 2**20
+
+
+def mem_child(path: str, rows: int) -> dict[str, float]:
+    """Child: peak extra memory of the first head call, and its best time."""
+    fn = _head_paths(rows)[path]
+    return {"extra_MB": _first_call_extra_mb(fn), "ms": _best_ms(fn)}
 
 
 def head_memory(rows: int) -> dict[str, dict[str, float]]:
@@ -249,15 +253,10 @@ def calls_child(path: str, V: int, H: int) -> dict[str, dict[str, Any]]:
     res = {}
     for rows in HEAD_ROWS:
         fn = _head_paths(rows, V, H)[path]
-        before = _status_kib("VmRSS")
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        out = fn()
-        extra = (_status_kib("VmHWM") - before) * 1024 - out.numel() * out.element_size()
-        del out
+        extra = _first_call_extra_mb(fn)
         impl = resolve_impl("auto", torch.empty(rows, H, dtype=torch.bfloat16),
                             torch.empty(V, H, dtype=torch.bfloat16)) if path == "ours" else path
-        res[str(rows)] = {"ms": _best_ms(fn), "extra_MB": max(extra, 0) / 2**20, "impl": impl}
+        res[str(rows)] = {"ms": _best_ms(fn), "extra_MB": extra, "impl": impl}
     return res
 
 

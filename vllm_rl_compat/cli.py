@@ -46,12 +46,11 @@ def info_lines() -> list[str]:
     ]
     lines += [f"  {s.arg} = {s.value!r}   ({s.fix})" for s in SETTINGS]
     lines.append(f"  lm_head = fp32 ({RLCompatConfig().fp32_head}) (fp32_head)")
-    lines += [f"CPU fp32 head kernel {route} ({title}): {_cpu_kernel_state(route)}"
-              for route, title in ROUTE_TITLES.items()]
+    from vllm_rl_compat.ops.fp32_linear_cpu import ROUTES
+
+    lines += [f"CPU fp32 head kernel {route} ({needs}): {_cpu_kernel_state(route)}"
+              for route, needs in ROUTES.items()]
     return lines
-
-
-ROUTE_TITLES = {"brgemm": "oneDNN bf16 brgemm, AMX", "blocked": "any CPU"}
 
 
 def _cpu_kernel_state(route: str) -> str:

@@ -46,7 +46,8 @@ logger = logging.getLogger("vllm.rl_compat")
 
 CSRC = Path(__file__).with_name("csrc")
 SOURCES = (CSRC / "fp32_linear_cpu.cpp", CSRC / "fp32_linear_blocked.cpp")
-ROUTES = ("brgemm", "blocked")
+# The routes in the order ``auto`` tries them, with what each needs.
+ROUTES = {"brgemm": "oneDNN bf16 brgemm, AMX", "blocked": "any CPU"}
 # -fopenmp: at::parallel_for is an inline OpenMP region, serial without it. The
 # extension then needs libgomp.so.1, which resolves to the copy torch already
 # loaded (same soname), so there is one OpenMP runtime and one thread pool.
@@ -79,7 +80,7 @@ def build() -> None:
 def unavailable_reason(route: str = "brgemm") -> str | None:
     """Why ``route`` cannot run here, or ``None`` when it can."""
     if route not in ROUTES:
-        raise ValueError(f"unknown CPU route {route!r}; expected one of {ROUTES}")
+        raise ValueError(f"unknown CPU route {route!r}; expected one of {tuple(ROUTES)}")
     try:
         build()
     except Exception as exc:  # no compiler, build error, unsupported toolchain
