@@ -59,7 +59,7 @@ def free_port() -> int:
 def load_state(model: str) -> dict:
     from safetensors.torch import load_file
 
-    from vllm_rl_compat.weight_sync import safetensors_files
+    from vllm_rl_compat.weights.spec import safetensors_files
 
     state = {}
     for f in safetensors_files(model):
@@ -91,7 +91,7 @@ def apply_path(sync) -> str:
 def bench_sources(model: str, state: dict, args, label: str, broadcast: bool
                   ) -> tuple[list[tuple], object]:
     """Rows ``(source, times, notes)`` of one engine; returns them and its sync."""
-    from vllm_rl_compat.weight_sync import _remove_shm, _write_shm
+    from vllm_rl_compat.weights.shm import remove_shm, write_shm
 
     llm, sync = make_engine(model)
     rows = []
@@ -99,7 +99,7 @@ def bench_sources(model: str, state: dict, args, label: str, broadcast: bool
     write_times = []
     for _ in range(3):
         t0 = time.perf_counter()
-        _remove_shm(_write_shm(pairs))
+        remove_shm(write_shm(pairs))
         write_times.append(time.perf_counter() - t0)
     times = timed_updates(sync, lambda: sync.update_from_tensors(state), args.repeats)
     rows.append((f"in-process tensors{label}", times, f"{apply_path(sync)}; + "
@@ -116,14 +116,17 @@ def bench_sources(model: str, state: dict, args, label: str, broadcast: bool
 
 
 def broadcast_once(sync, model: str, args) -> None:
-    port = free_port()
+    from vllm_rl_compat.weights.broadcast import new_secret
+
+    port, secret = free_port(), new_secret()
     trainer = subprocess.Popen(
         [sys.executable, str(TRAINER), "127.0.0.1", str(port), str(sync.num_workers),
          model, "ok", "60", str(args.chunk_mb << 20)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        env={**os.environ, "TEST_TRAINER_SECRET": secret})
     # Each trainer run joins a fresh group; its start-up (imports, reading
     # the state dict) happens before the pause: connect, then update.
-    sync.connect_trainer("127.0.0.1", port, timeout=120)
+    sync.connect_trainer("127.0.0.1", port, secret=secret, timeout=120)
     sync.update_from_trainer()
     trainer.wait(60)
     sync.disconnect_trainer()

@@ -170,3 +170,18 @@ def test_head_dtype_conflict_fails_before_any_change(tiny_model) -> None:
                  hf_overrides={"head_dtype": "bfloat16"})
     _create_fails(args, r"hf_overrides head_dtype='bfloat16' conflicts with "
                         r"rl_compat\.fp32_head='compute'")
+
+
+@pytest.mark.parametrize("backend", ["nccl", "ipc"])
+def test_cuda_only_backend_fails_start_on_cpu(tiny_model, backend) -> None:
+    """vLLM's nccl route is a silent no-op on a CPU engine: RL mode refuses it
+    at start-up, naming it and the backends that work here."""
+    args = _args(tiny_model, weight_transfer_config={"backend": backend})
+    _create_fails(args, rf"weight_transfer_config.backend='{backend}' cannot run on the "
+                        rf"cpu platform.*rl_compat_gloo, rl_compat_tensors, rl_compat_files")
+
+
+def test_default_backend_is_ours(tiny_model) -> None:
+    args = _args(tiny_model)
+    config = args.create_engine_config()
+    assert config.weight_transfer_config.backend == "rl_compat_gloo"

@@ -45,7 +45,7 @@ USER_ARGS = {"logprobs_mode": "raw_logprobs", "enable_prefix_caching": True}
 EAGER_KWARGS = {**ENGINE_KWARGS, "enforce_eager": True}
 RL = {"logprobs_mode": "processed_logprobs", "enable_prefix_caching": False,
       "async_scheduling": False,
-      "worker_extension_cls": "vllm_rl_compat.worker_extension.WeightSyncExtension"}
+      "worker_extension_cls": "vllm_rl_compat.weights.worker.WeightSyncExtension"}
 
 
 @pytest.fixture(scope="module")

@@ -23,14 +23,8 @@ from typing import Any
 import pytest
 import torch
 
-from vllm_rl_compat.weight_sync import (
-    WeightSpec,
-    WeightSync,
-    WeightUpdateError,
-    safetensors_files,
-    safetensors_header_spec,
-    token_versions,
-)
+from vllm_rl_compat.weight_sync import WeightSync, WeightUpdateError, token_versions
+from vllm_rl_compat.weights.spec import WeightSpec, safetensors_files, safetensors_header_spec
 
 TESTS = Path(__file__).parent
 EAGER = {"enforce_eager": True}  # no compile/warm-up: quicker start for extra engines
@@ -95,12 +89,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+SECRET = "test-secret-" + os.urandom(8).hex()
+
+
 def start_trainer(model_dir: str, port: int, receivers: int, mode: str = "ok",
                   timeout: float = 30.0, chunk: int = 1 << 20) -> subprocess.Popen:
+    """The trainer script; it reads the group's secret from its environment."""
     return subprocess.Popen(
         [sys.executable, str(TESTS / "weight_sync_trainer.py"), "127.0.0.1", str(port),
          str(receivers), model_dir, mode, str(timeout), str(chunk)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "TEST_TRAINER_SECRET": SECRET})
 
 
 def assert_serves(llm) -> None:
@@ -221,7 +220,7 @@ def test_rejected_update_leaves_model_unchanged(untied, tmp_path, case, source):
 
 
 def _connect(sync, port: int, timeout: float) -> None:
-    sync.connect_trainer("127.0.0.1", port, timeout=timeout)
+    sync.connect_trainer("127.0.0.1", port, secret=SECRET, timeout=timeout)
 
 
 @pytest.mark.engine
@@ -325,3 +324,127 @@ def test_tp2_broadcast_and_files(untied, monkeypatch):
         sync.disconnect_trainer()
     finally:
         shutdown(eng)
+
+
+# ------------------------------------------- vLLM's own RL API (issue 12)
+class StateSource:
+    """A ``WeightSource`` over a state dict (what a trainer hands vLLM's API)."""
+
+    def __init__(self, state: dict[str, torch.Tensor]) -> None:
+        self.state = state
+
+    def metadata(self):
+        from vllm.distributed.weight_transfer.base import ParamMeta
+
+        return [ParamMeta(n, t.dtype, tuple(t.shape)) for n, t in self.state.items()]
+
+    def __iter__(self):
+        return iter(list(self.state.items()))
+
+
+@pytest.mark.engine
+@pytest.mark.parametrize("backend", ["rl_compat_tensors", "rl_compat_files", "rl_compat_gloo"])
+def test_vllm_trainer_api_with_each_backend(untied, backend):
+    """A trainer written against vLLM's trainer API (factory + client + source),
+    unchanged, drives our backends: B then A, each equal to a fresh engine."""
+    from vllm.distributed.weight_transfer.factory import WeightTransferTrainerFactory
+
+    from vllm_rl_compat.weights import trainer as ours
+    from vllm_rl_compat.weights.client import LLMClient
+
+    eng, sync = untied["eng_a"], untied["sync_a"]
+    client = LLMClient(eng)
+    for target, ref in ((untied["dir_b"], untied["ref_b"]), (untied["dir_a"], untied["ref_a"])):
+        source = StateSource(state_dict(target))
+        if backend == "rl_compat_gloo":
+            info = ours.RLCompatGlooTrainerInitInfo(
+                master_address="127.0.0.1", master_port=free_port(),
+                world_size=1 + sync.num_workers, rank=0, timeout=30)
+        elif backend == "rl_compat_tensors":
+            info = ours.RLCompatTensorsTrainerInitInfo(rank=0)
+        else:
+            info = ours.RLCompatFilesTrainerInitInfo(rank=0)
+        sender = WeightTransferTrainerFactory.trainer_init(info, client=client, source=source)
+        version = sync.version
+        try:
+            sender.send_weights(*([target] if backend == "rl_compat_files" else []))
+        finally:
+            sender.shutdown()
+        assert sync.version == version + 1
+        assert forced_logprobs(eng) == ref  # exact
+    eng.shutdown_weight_transfer_engine()
+
+
+@pytest.mark.engine
+def test_native_calls_out_of_order(untied):
+    """The transaction refuses calls out of order and resumes the engine."""
+    from vllm_rl_compat.weight_sync import TransactionStateError
+
+    eng, sync = untied["eng_a"], untied["sync_a"]
+    before, version = forced_logprobs(eng), sync.version
+    with pytest.raises(TransactionStateError, match="no weight update is in progress"):
+        eng.update_weights({"update_info": {"source": "files", "path": untied["dir_b"]}})
+    with pytest.raises(TransactionStateError, match="no weight update is in progress"):
+        eng.finish_weight_update()
+    eng.start_weight_update()
+    with pytest.raises(TransactionStateError, match="in progress"):
+        eng.start_weight_update()
+    with pytest.raises(WeightUpdateError, match="source='nope'"):
+        eng.update_weights({"update_info": {"source": "nope"}})
+    # The failed chunk closed the update and resumed the engine.
+    with pytest.raises(TransactionStateError):
+        eng.finish_weight_update()
+    assert forced_logprobs(eng) == before and sync.version == version
+    assert_serves(eng)
+
+
+def fp32_copy(model_dir: str, dest: Path) -> str:
+    """``model_dir`` as an fp32 checkpoint whose values bf16 cannot hold
+    (the usual trainer output); config and tokenizer copied as they are."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    shutil.copytree(model_dir, dest)
+    gen = torch.Generator().manual_seed(0)
+    state = {n: t.float() * (1 + 1e-3 * torch.rand(t.shape, generator=gen))
+             for n, t in state_dict(model_dir).items()}
+    save_file(state, str(dest / "model.safetensors"))
+    return str(dest)
+
+
+@pytest.mark.engine
+def test_fp32_checkpoint_served_in_bf16_reloads_exactly(untied, tmp_path):
+    """An engine started in bf16 from an fp32 checkpoint accepts that folder as
+    an update (rounded by the loaders exactly as at start-up) and bf16 ones."""
+    fp32_dir = fp32_copy(untied["dir_a"], tmp_path / "fp32")
+    eng = make_llm(fp32_dir, **EAGER)
+    try:
+        sync = WeightSync(eng)
+        start = forced_logprobs(eng)
+        sync.update_from_files(untied["dir_b"])  # parameter dtype (bf16)
+        assert max_diff(forced_logprobs(eng), start) > 1.0
+        sync.update_from_files(fp32_dir)  # the checkpoint's own dtype (fp32)
+        assert forced_logprobs(eng) == start  # rounded as the initial load rounds
+    finally:
+        shutdown(eng)
+
+
+@pytest.mark.engine
+def test_collective_rpc_cannot_change_weights(untied):
+    """What dev mode's /collective_rpc reaches (worker methods by name) cannot
+    stage or apply anything: no proof, no transaction."""
+    eng, sync = untied["eng_a"], untied["sync_a"]
+    before, version = forced_logprobs(eng), sync.version
+    info = {"source": "files", "path": untied["dir_b"]}
+    attempts = [("start_weight_update", {}), ("update_weights", {"update_info": info}),
+                ("finish_weight_update", {}),
+                ("init_weight_transfer_engine", {"init_info": {}}),
+                ("rl_compat_txn", {"txn": "x", "step": "start", "proof": "0" * 64}),
+                ("rl_compat_txn", {"txn": "x", "step": "finish", "proof": "0" * 64})]
+    for method, kwargs in attempts:
+        # ours refuse; vLLM's own update/finish also find no update started
+        with pytest.raises(Exception, match="refused|must be called|without a matching"):
+            eng.collective_rpc(method, kwargs=kwargs)
+    assert forced_logprobs(eng) == before and sync.version == version
+    assert_serves(eng)

@@ -1,7 +1,7 @@
 """A trainer process for the broadcast tests (run as a script, not collected).
 
 Usage: ``python weight_sync_trainer.py HOST PORT NUM_RECEIVERS MODEL_DIR MODE
-TIMEOUT CHUNK_BYTES``. Joins the group, sends the model folder's state dict
+TIMEOUT CHUNK_BYTES`` with the group's secret in ``TEST_TRAINER_SECRET``. Joins the group, sends the model folder's state dict
 once, and exits. ``MODE``: ``ok``; ``die:K`` (the process exits hard after K
 data chunks, i.e. mid-transfer); ``stall:K`` (sleeps after K data chunks, so
 the receivers time out); ``badname`` (sends an extra tensor).
@@ -19,8 +19,8 @@ def main() -> None:
     import torch
     from safetensors.torch import load_file
 
-    from vllm_rl_compat.broadcast import BroadcastError, TrainerBroadcaster
-    from vllm_rl_compat.weight_sync import safetensors_files
+    from vllm_rl_compat.weights.broadcast import BroadcastError, TrainerBroadcaster
+    from vllm_rl_compat.weights.spec import safetensors_files
 
     state = {}
     for f in safetensors_files(model_dir):
@@ -28,7 +28,7 @@ def main() -> None:
     if mode == "badname":
         state["model.layers.0.mlp.bogus.weight"] = torch.zeros(4, dtype=torch.bfloat16)
     bc = TrainerBroadcaster(host, int(port), int(receivers), timeout=float(timeout),
-                            chunk_bytes=int(chunk))
+                            chunk_bytes=int(chunk), secret=os.environ["TEST_TRAINER_SECRET"])
     if mode.startswith(("die:", "stall:")):
         action, k = mode.split(":")
         original = bc.group.broadcast

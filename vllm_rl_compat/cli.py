@@ -46,6 +46,11 @@ def info_lines() -> list[str]:
     ]
     lines += [f"  {s.arg} = {s.value!r}   ({s.fix})" for s in SETTINGS]
     lines.append(f"  lm_head = fp32 ({RLCompatConfig().fp32_head}) (fp32_head)")
+    from vllm_rl_compat.weights.registry import BACKENDS, DEFAULT_BACKEND
+
+    token = "set" if envs.VLLM_RL_COMPAT_CONTROL_TOKEN else "not set (--api-key is used if given)"
+    lines.append(f"  weight_transfer_config.backend = {DEFAULT_BACKEND!r} unless you set one of "
+                 f"{', '.join(BACKENDS)} (weight_sync); HTTP control token: {token}")
     from vllm_rl_compat.ops.fp32_linear_cpu import ROUTES
 
     lines += [f"CPU fp32 head kernel {route} ({needs}): {_cpu_kernel_state(route)}"

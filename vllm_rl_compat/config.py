@@ -43,8 +43,10 @@ class RLCompatConfig:
         True, "Fix 2: async scheduling off, so weight updates land at a step "
         "boundary.")
     weight_sync: bool = _opt(
-        True, "Fix 3: install the worker extension that loads weights at a "
-        "pause boundary (`vllm_rl_compat.worker_extension.WeightSyncExtension`).")
+        True, "Fix 3: every weight update (vLLM's RL calls, `WeightSync`, the HTTP "
+        "routes) is one transaction at a pause boundary; installs the worker "
+        "extension `vllm_rl_compat.weights.worker.WeightSyncExtension` and, "
+        "unless you set one, `weight_transfer_config={\"backend\": \"rl_compat_gloo\"}`.")
     fp32_head: str = _opt(
         "compute", "Fix 4: lm_head in fp32. `compute`: fp32 logits from "
         "model-dtype weights, no fp32 weight copy; `weights`: the head weight "

@@ -25,7 +25,6 @@ Fallback: none; a setting that cannot be enforced fails start-up.
 
 from __future__ import annotations
 
-import functools
 import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
@@ -38,7 +37,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("vllm.rl_compat")
 
-WORKER_EXTENSION = "vllm_rl_compat.worker_extension.WeightSyncExtension"
+WORKER_EXTENSION = "vllm_rl_compat.weights.worker.WeightSyncExtension"
 
 
 def _is_weight_sync_extension(qualname: Any) -> bool:
@@ -49,7 +48,7 @@ def _is_weight_sync_extension(qualname: Any) -> bool:
         return False
     from vllm.utils.import_utils import resolve_obj_by_qualname
 
-    from vllm_rl_compat.worker_extension import WeightSyncExtension
+    from vllm_rl_compat.weights.worker import WeightSyncExtension
 
     cls = resolve_obj_by_qualname(qualname)
     return isinstance(cls, type) and issubclass(cls, WeightSyncExtension)
@@ -86,7 +85,8 @@ SETTINGS: tuple[EnforcedSetting, ...] = (
 
 # Feature hooks: ``hook(args, cfg) -> str | None`` run after the options are
 # validated and before any field changes (a hook that raises leaves ``args``
-# untouched); each returns an item for the start-up summary line.
+# untouched; a hook that changes ``args`` must do so last); each returns an
+# item for the start-up summary line. The plugin hands them to ``install``.
 ArgsHook = Callable[["EngineArgs", RLCompatConfig], "str | None"]
 ARGS_HOOKS: list[ArgsHook] = []
 
@@ -149,18 +149,22 @@ def verify_vllm_config(vllm_config: "VllmConfig", cfg: RLCompatConfig) -> None:
             for s, got in wrong))
 
 
-def install() -> None:
-    """Wrap ``EngineArgs.create_engine_config`` (called once per process)."""
+def install(hooks: list[ArgsHook]) -> None:
+    """Wrap ``EngineArgs.create_engine_config``; ``hooks`` are the features' checks."""
     from vllm.engine.arg_utils import EngineArgs
 
-    original = EngineArgs.create_engine_config
+    from vllm_rl_compat.patching import patch_method
 
-    @functools.wraps(original)
-    def create_engine_config(self: "EngineArgs", *args: Any, **kwargs: Any) -> "VllmConfig":
-        cfg, extras = prepare_engine_args(self)
-        vllm_config = original(self, *args, **kwargs)
-        verify_vllm_config(vllm_config, cfg)
-        log_summary(vllm_config, cfg, extras)
-        return vllm_config
+    ARGS_HOOKS[:] = hooks
 
-    EngineArgs.create_engine_config = create_engine_config
+    def wrap(original: Any) -> Any:
+        def create_engine_config(self: "EngineArgs", *args: Any, **kwargs: Any
+                                 ) -> "VllmConfig":
+            cfg, extras = prepare_engine_args(self)
+            vllm_config = original(self, *args, **kwargs)
+            verify_vllm_config(vllm_config, cfg)
+            log_summary(vllm_config, cfg, extras)
+            return vllm_config
+        return create_engine_config
+
+    patch_method(EngineArgs, "create_engine_config", wrap)

@@ -63,8 +63,20 @@ environment_variables: dict[str, tuple[Callable[[], Any], str]] = {
     "VLLM_RL_COMPAT_FAST_RELOAD": (
         _flag("VLLM_RL_COMPAT_FAST_RELOAD", default="1"),
         "`0` makes weight updates on CPU use vLLM's layerwise reload instead of "
-        "`fast_reload` (for comparisons; default `1`); read by the front end at "
-        "each update.",
+        "the fast apply (`weights/apply_cpu.py`; for comparisons; default `1`); "
+        "read by the front end at each update.",
+    ),
+    "VLLM_RL_COMPAT_CONTROL_TOKEN": (
+        lambda: os.environ.get("VLLM_RL_COMPAT_CONTROL_TOKEN") or None,
+        "Bearer token of the RL HTTP routes on `vllm serve` (falls back to "
+        "`--api-key` / `VLLM_API_KEY`; with none, the routes are not mounted); "
+        "`TokenHTTPClient` reads it too.",
+    ),
+    "VLLM_RL_COMPAT_TXN_SECRET": (
+        lambda: os.environ.get("VLLM_RL_COMPAT_TXN_SECRET") or None,
+        "Internal: set by the plugin in the front end (random) and inherited by "
+        "its engine core and workers, which accept weight steps only with its "
+        "proof. Do not set it yourself.",
     ),
 }
 
@@ -72,6 +84,8 @@ VLLM_RL_COMPAT: bool
 VLLM_RL_COMPAT_CACHE: Path
 VLLM_RL_COMPAT_AUTOTUNE: bool
 VLLM_RL_COMPAT_FAST_RELOAD: bool
+VLLM_RL_COMPAT_CONTROL_TOKEN: str | None
+VLLM_RL_COMPAT_TXN_SECRET: str | None
 
 
 def __getattr__(name: str) -> Any:

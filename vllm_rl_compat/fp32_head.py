@@ -23,7 +23,7 @@ What it changes (worker processes only, installed by ``plugin._register_once``):
   embedding are unchanged) and gets an fp32 shadow copy that the embedding's
   weight loader fills with the same unrounded tensor on every load.
   ``off`` is stock vLLM (including a user's ``head_dtype``).
-* Front end: ``head_dtype_hook`` (an ``engine_settings.ARGS_HOOKS`` entry)
+* Front end: ``head_dtype_hook`` (an engine-settings hook, installed by the plugin)
   checks ``hf_overrides["head_dtype"]`` against the mode before vLLM builds
   its config.
 
@@ -353,10 +353,6 @@ def install() -> None:
     from vllm.model_executor.custom_op import op_registry_oot
     from vllm.model_executor.layers.logits_processor import LogitsProcessor
 
-    from vllm_rl_compat import engine_settings
-
-    if head_dtype_hook not in engine_settings.ARGS_HOOKS:
-        engine_settings.ARGS_HOOKS.append(head_dtype_hook)
     if "LogitsProcessor" not in op_registry_oot:
         LogitsProcessor.register_oot(_logits_processor_class())
     _patch_parallel_lm_head()

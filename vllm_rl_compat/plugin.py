@@ -3,8 +3,9 @@
 vLLM calls ``register()`` once in every process it starts (front end, engine
 core, each worker). The environment gate is the first statement, so with the
 switch off nothing is imported or patched and vLLM runs exactly as without
-the package. With it on, each capability installs itself; ``_register_once``
-is cached so that repeated calls in one process are no-ops by construction.
+the package. With it on, each capability installs itself, in the order
+below; ``_register_once`` is cached so that repeated calls in one process are
+no-ops by construction (and ``patching`` refuses to wrap anything twice).
 """
 
 from __future__ import annotations
@@ -23,9 +24,14 @@ def register() -> None:
 
 @functools.lru_cache(maxsize=None)
 def _register_once() -> None:
-    from vllm_rl_compat import engine_settings, fp32_head, seeded_sampling, weight_sync
+    from vllm_rl_compat import engine_settings, fp32_head, seeded_sampling
+    from vllm_rl_compat.weights import http, native, proof, registry, settings, versions
 
-    engine_settings.install()
+    proof.ensure_secret()  # before this process spawns the engine core / workers
+    engine_settings.install([fp32_head.head_dtype_hook, settings.weight_transfer_hook])
     fp32_head.install()
     seeded_sampling.install()
-    weight_sync.install_version_label()
+    registry.register()
+    versions.install_version_label()
+    native.install()
+    http.install()

@@ -38,8 +38,6 @@ when the CPU model runner is loaded, so the worker fails start-up.
 from __future__ import annotations
 
 import functools
-import importlib.abc
-import sys
 from typing import Any
 
 import numpy as np
@@ -112,45 +110,8 @@ def _patch_module(module: Any) -> None:
     patch_runner(cls)
 
 
-class _PatchOnImport(importlib.abc.MetaPathFinder):
-    """Patches the CPU model runner right after its module is executed.
-
-    Only worker processes import that module (after plugins are loaded), so
-    the front end and the engine core never import it for this patch.
-    """
-
-    def find_spec(self, fullname: str, path: Any = None, target: Any = None) -> Any:
-        if fullname != RUNNER_MODULE:
-            return None
-        for finder in sys.meta_path:
-            find = getattr(finder, "find_spec", None)
-            if finder is self or find is None:
-                continue
-            spec = find(fullname, path, target)
-            if spec is not None:
-                break
-        else:
-            return None
-        loader = spec.loader
-        real_exec = loader.exec_module
-
-        def exec_module(module: Any) -> None:
-            try:
-                real_exec(module)
-            finally:
-                vars(loader).pop("exec_module", None)
-            _patch_module(module)
-            if self in sys.meta_path:
-                sys.meta_path.remove(self)
-
-        loader.exec_module = exec_module
-        return spec
-
-
 def install() -> None:
     """Patch the CPU model runner now if it is loaded, else when it is (idempotent)."""
-    module = sys.modules.get(RUNNER_MODULE)
-    if module is not None:
-        _patch_module(module)
-    elif not any(isinstance(f, _PatchOnImport) for f in sys.meta_path):
-        sys.meta_path.insert(0, _PatchOnImport())
+    from vllm_rl_compat.patching import when_imported
+
+    when_imported(RUNNER_MODULE, _patch_module)

@@ -12,7 +12,7 @@ the bytes once remain: on a 2-core machine the apply went from ~240 to ~170 ms.
 
 What it does instead, when the model qualifies (``fast_reload_blocker``
 returns ``None``): the update is validated beforehand (every name, shape and
-dtype, ``weight_sync.WeightSpec``), so only values change. Every tensor goes
+dtype, ``weights.spec.WeightSpec``), so only values change. Every tensor goes
 through the model's own ``load_weights`` and each parameter's own
 ``weight_loader`` (name mapping, qkv / gate_up stacking, TP sharding and the
 fp32 head's shadow loader stay vLLM's / ours), into:
@@ -224,6 +224,19 @@ def rebuild_tied_heads(model: torch.nn.Module) -> int:
 
 
 # ------------------------------------------------------------------ decision
+def check_internals() -> None:
+    """Import the private vLLM names the fast path needs (raises ``ImportError``).
+
+    Called before the fast path is chosen, so a vLLM release that moved one
+    makes the worker take the layerwise reload instead of failing mid-apply.
+    """
+    from vllm.model_executor.model_loader.reload.layerwise import LAYERWISE_INFO  # noqa: F401
+    from vllm.model_executor.model_loader.reload.meta import CopyCounter  # noqa: F401
+    from vllm.model_executor.model_loader.reload.sanitize import (  # noqa: F401
+        layer_ref_sentinel,
+    )
+
+
 def fast_reload_blocker(vllm_config: Any) -> str | None:
     """Why this engine cannot use the fast path (``None``: it can)."""
     from vllm.platforms import current_platform

@@ -1,0 +1,174 @@
+"""Weight updates through ``vllm serve``'s RL routes (issue 12), real servers.
+
+One RL-mode server (``python -m vllm.entrypoints.openai.api_server``, what
+``vllm serve`` runs) with a control token, driven by a separate trainer
+process that uses only vLLM's trainer API with our ``rl_compat_gloo``
+backend; a second server in vLLM's dev mode shows that ``/collective_rpc``
+cannot change weights and that vLLM's open RL routes are replaced by guarded
+ones. Exactness: forced-token prompt logprobs served after A -> B -> A equal
+the server's own start-up values on A bit for bit, and B's differ.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+
+from test_frontends import _free_port, _wait_ready
+
+pytestmark = pytest.mark.engine
+
+TESTS = Path(__file__).parent
+TOKEN = "control-" + os.urandom(8).hex()
+PROMPTS = [list(range(200, 232)), [17, 4005, 923, 31000, 77, 5, 1234, 9999, 42, 300] * 3]
+ROUTES = [("POST", "/pause"), ("POST", "/resume"), ("GET", "/is_paused"),
+          ("POST", "/init_weight_transfer_engine"), ("POST", "/start_weight_update"),
+          ("POST", "/update_weights"), ("POST", "/finish_weight_update"),
+          ("POST", "/update_weight_version"), ("GET", "/weight_info"),
+          ("POST", "/abort_weight_update")]
+
+
+def _server(model: str, log: Path, extra_env: dict[str, str]) -> tuple[subprocess.Popen, int]:
+    port = _free_port()
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model,
+           "--port", str(port), "--dtype", "bfloat16", "--max-model-len", "512",
+           "--enforce-eager", "--max-logprobs", "-1"]
+    env = {**os.environ, "VLLM_RL_COMPAT": "1", **extra_env}
+    proc = subprocess.Popen(cmd, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT)
+    _wait_ready(port, proc)
+    return proc, port
+
+
+@pytest.fixture(scope="module")
+def servers(tiny_model, tmp_path_factory) -> Iterator[dict[str, Any]]:
+    """Both servers on model A, started concurrently (one engine each)."""
+    logs = tmp_path_factory.mktemp("serve")
+    a = tiny_model("llama-untied", 0)
+    envs = {"rl": {"VLLM_RL_COMPAT_CONTROL_TOKEN": TOKEN},
+            "dev": {"VLLM_RL_COMPAT_CONTROL_TOKEN": TOKEN, "VLLM_SERVER_DEV_MODE": "1"}}
+    with ThreadPoolExecutor(2) as pool:
+        started = {k: pool.submit(_server, a, logs / f"{k}.log", e) for k, e in envs.items()}
+        procs = {k: f.result() for k, f in started.items()}
+    yield {"dir_a": a, "dir_b": tiny_model("llama-untied", 1), "logs": logs,
+           **{k: port for k, (_, port) in procs.items()}}
+    for proc, _ in procs.values():
+        proc.terminate()
+        proc.wait(timeout=60)
+
+
+def call(port: int, method: str, path: str, body: Any = None,
+         token: str | None = TOKEN) -> tuple[int, Any]:
+    headers = {"Content-Type": "application/json"}
+    if token is not None:
+        headers["Authorization"] = f"Bearer {token}"
+    data = json.dumps(body).encode() if body is not None else (b"{}" if method == "POST"
+                                                               else None)
+    req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=data,
+                                 headers=headers, method=method)
+    try:
+        with urllib.request.urlopen(req, timeout=300) as resp:
+            return resp.status, json.loads(resp.read() or b"null")
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read() or b"null")
+
+
+def forced_logprobs(port: int) -> list[list[float]]:
+    """Prompt logprob of every forced token, as served."""
+    rows = []
+    for prompt in PROMPTS:
+        status, body = call(port, "POST", "/v1/completions",
+                            {"prompt": prompt, "max_tokens": 1, "prompt_logprobs": 0},
+                            token=None)
+        assert status == 200, body
+        plp = body["choices"][0]["prompt_logprobs"]
+        rows.append([plp[i][str(tok)]["logprob"] for i, tok in enumerate(prompt) if i > 0])
+    return rows
+
+
+def version(port: int) -> str:
+    status, body = call(port, "GET", "/weight_info")
+    assert status == 200, body
+    return body["weight_version"]
+
+
+def test_routes_need_the_token(servers) -> None:
+    port = servers["rl"]
+    before = forced_logprobs(port)
+    for token in (None, "wrong-token"):
+        for method, path in ROUTES:
+            status, body = call(port, method, path, token=token)
+            assert status == 401, (path, token, status, body)
+    assert call(port, "GET", "/is_paused")[1] == {"is_paused": False}
+    assert forced_logprobs(port) == before and version(port) == "0"
+    # The rest of dev mode stays off.
+    assert call(port, "POST", "/collective_rpc", {"method": "rl_compat_ping"})[0] == 404
+
+
+def test_trainer_process_updates_server_exactly(servers) -> None:
+    """A -> B -> A from a trainer process through vLLM's trainer API."""
+    port = servers["rl"]
+    start_a = forced_logprobs(port)
+    for target, n in ((servers["dir_b"], 1), (servers["dir_a"], 2)):
+        trainer = subprocess.run(
+            [sys.executable, str(TESTS / "http_trainer.py"), f"http://127.0.0.1:{port}",
+             str(_free_port()), "2", target],
+            env={**os.environ, "VLLM_RL_COMPAT_CONTROL_TOKEN": TOKEN},
+            capture_output=True, text=True, timeout=300)
+        assert "TRAINER-SENT" in trainer.stdout, trainer.stderr[-3000:]
+        assert version(port) == str(n)
+        got = forced_logprobs(port)
+        if n == 1:
+            assert max(abs(x - y) for r, s in zip(got, start_a) for x, y in zip(r, s)) > 1.0
+    assert got == start_a  # back on A: bit-identical to the server's start-up
+
+
+def test_rejected_update_over_http(servers, tmp_path) -> None:
+    """Wrong shape, truncated file, calls out of order: JSON 4xx, model and
+    version unchanged, engine serving and not paused."""
+    from safetensors.torch import load_file, save_file
+
+    port = servers["rl"]
+    before, v = forced_logprobs(port), version(port)
+    state = load_file(str(Path(servers["dir_b"]) / "model.safetensors"))
+    state["model.norm.weight"] = state["model.norm.weight"][:3].clone()
+    save_file(state, str(tmp_path / "model.safetensors"))
+    truncated = tmp_path / "cut"
+    truncated.mkdir()
+    raw = (Path(servers["dir_b"]) / "model.safetensors").read_bytes()
+    (truncated / "model.safetensors").write_bytes(raw[: len(raw) // 2])
+    for path, needle in ((tmp_path, "model.norm.weight: got shape [3]"),
+                         (truncated, "model unchanged")):
+        assert call(port, "POST", "/start_weight_update")[0] == 200
+        assert call(port, "GET", "/is_paused")[1] == {"is_paused": True}
+        status, body = call(port, "POST", "/update_weights",
+                            {"update_info": {"source": "files", "path": str(path)}})
+        assert status == 400 and needle in body["error"], body
+        assert call(port, "GET", "/is_paused")[1] == {"is_paused": False}
+    status, body = call(port, "POST", "/finish_weight_update")
+    assert status == 409 and "no weight update is in progress" in body["error"]
+    assert forced_logprobs(port) == before and version(port) == v
+
+
+def test_dev_mode_collective_rpc_cannot_apply_weights(servers) -> None:
+    port = servers["dev"]
+    before = forced_logprobs(port)
+    info = {"source": "files", "path": servers["dir_b"]}
+    for method, kwargs in (("start_weight_update", {}),
+                           ("update_weights", {"update_info": info}),
+                           ("rl_compat_txn", {"txn": "t", "step": "start", "proof": "0"})):
+        status, body = call(port, "POST", "/collective_rpc",
+                            {"method": method, "kwargs": kwargs}, token=None)
+        assert status >= 400, (method, body)
+    # vLLM's open dev-mode copies of the RL routes are replaced by guarded ones.
+    assert call(port, "POST", "/start_weight_update", token=None)[0] == 401
+    assert call(port, "GET", "/is_paused")[1] == {"is_paused": False}
+    assert forced_logprobs(port) == before and version(port) == "0"

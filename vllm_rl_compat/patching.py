@@ -1,0 +1,88 @@
+"""The one way this package changes vLLM: wrap a named attribute, once.
+
+Why one helper: every vLLM internal we wrap is listed by its calls here, a
+second wrap of the same attribute (a plugin loaded twice, a test re-running
+``install``) is detected instead of stacking, and a missing attribute (a vLLM
+release that renamed it) fails loudly with the name instead of silently
+leaving RL mode half-applied.
+"""
+
+from __future__ import annotations
+
+import importlib.abc
+import sys
+from typing import Any, Callable
+
+_MARK = "__rl_compat_original__"
+
+
+def patch_method(owner: Any, name: str, wrap: Callable[[Any], Any]) -> bool:
+    """Replace ``owner.name`` with ``wrap(original)``; ``False`` if already done."""
+    original = owner.__dict__.get(name) if isinstance(owner, type) else None
+    if original is None:
+        original = getattr(owner, name, None)
+    if original is None:
+        raise RuntimeError(f"vllm-rl-compat cannot patch {_title(owner)}.{name}: it does "
+                           f"not exist in this vLLM version")
+    if hasattr(original, _MARK):
+        return False
+    replacement = wrap(original)
+    setattr(replacement, _MARK, original)
+    replacement.__name__ = getattr(original, "__name__", name)
+    replacement.__doc__ = getattr(original, "__doc__", None)
+    setattr(owner, name, replacement)
+    return True
+
+
+def original_of(owner: Any, name: str) -> Any:
+    """The unpatched ``owner.name`` (the attribute itself if not patched)."""
+    current = getattr(owner, name)
+    return getattr(current, _MARK, current)
+
+
+def _title(owner: Any) -> str:
+    return getattr(owner, "__qualname__", getattr(owner, "__name__", repr(owner)))
+
+
+def when_imported(module_name: str, apply: Callable[[Any], None]) -> None:
+    """Run ``apply(module)`` now if the module is loaded, else right after it loads.
+
+    Lets a process that never imports the module (e.g. the front end, for a
+    worker-only patch) never pay for it.
+    """
+    module = sys.modules.get(module_name)
+    if module is not None:
+        apply(module)
+    elif not any(isinstance(f, _OnImport) and f.name == module_name for f in sys.meta_path):
+        sys.meta_path.insert(0, _OnImport(module_name, apply))
+
+
+class _OnImport(importlib.abc.MetaPathFinder):
+    """Calls ``apply`` right after ``name`` is executed, then removes itself."""
+
+    def __init__(self, name: str, apply: Callable[[Any], None]) -> None:
+        self.name = name
+        self.apply = apply
+
+    def find_spec(self, fullname: str, path: Any = None, target: Any = None) -> Any:
+        if fullname != self.name:
+            return None
+        spec = next((s for f in sys.meta_path if f is not self
+                     and (s := getattr(f, "find_spec", lambda *a: None)(fullname, path, target))),
+                    None)
+        if spec is None:
+            return None
+        loader = spec.loader
+        real_exec = loader.exec_module
+
+        def exec_module(module: Any) -> None:
+            try:
+                real_exec(module)
+            finally:
+                vars(loader).pop("exec_module", None)
+            if self in sys.meta_path:
+                sys.meta_path.remove(self)
+            self.apply(module)
+
+        loader.exec_module = exec_module
+        return spec

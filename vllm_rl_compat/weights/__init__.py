@@ -1,0 +1,1 @@
+"""Weight updates in RL mode: spec, transaction, backends, worker side, HTTP routes."""

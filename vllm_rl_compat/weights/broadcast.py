@@ -1,0 +1,498 @@
+"""Weight broadcast from a separate trainer process (torch.distributed style).
+
+The trainer and the engine's workers form their own small process group:
+the trainer is rank 0, worker ``i`` is rank ``1 + i``. The group is built from
+a ``TCPStore`` (hosted by the trainer) and a ``ProcessGroupGloo`` constructed
+directly (``ProcessGroupNCCL`` for ``backend="nccl"``), so it never touches
+``torch.distributed``'s default group or vLLM's own groups inside the worker.
+Every operation is bounded by the group's ``timeout``.
+
+All ranks share a ``secret`` (make one with ``new_secret()`` and hand it to
+both sides out of band). Forming the group (``join_group`` /
+``TrainerBroadcaster``):
+
+1. rendezvous: every rank joins the store under a key prefix derived from the
+   secret by a one-way hash, so ranks with different secrets never meet, and
+   store key names (which anyone reaching the port can list) do not reveal
+   the secret; an all-reduce makes the join a barrier;
+2. challenge: rank 0 broadcasts a fresh random nonce, then each rank ``r`` in
+   turn broadcasts ``HMAC(secret, nonce || r || label)``; every rank checks
+   every other rank's MAC, the group agrees on the verdict (all-reduce) and,
+   if any MAC was wrong, every rank raises ``BroadcastError`` and closes the
+   group before any weight metadata or data has been sent.
+
+Protocol of one update (``TrainerBroadcaster.send`` / ``receive_update``):
+
+1. metadata: a JSON list of ``[name, shape, dtype]`` plus total bytes and the
+   chunk size, broadcast from the trainer; its length is capped
+   (``MAX_HEADER_BYTES``) and checked before a buffer is allocated for it;
+2. verdict: every receiver checks the metadata's types, validates the tensors
+   against its model and requires the total and chunk size to agree with
+   them; the group agrees (all-reduce) and, if any receiver rejected it,
+   broadcasts that receiver's error text, so the trainer raises the same
+   clear error and no tensor data is sent (nor any staging memory allocated);
+3. data: the tensors' bytes, laid out back to back, are broadcast in chunks of
+   at most ``chunk_bytes``; receivers write each chunk straight into one
+   staging buffer of the update's total size. The trainer needs one chunk of
+   extra memory; each receiver holds the whole update (its total bytes) until
+   it has been applied or dropped;
+4. done: a final all-reduce, so the trainer knows every receiver has all
+   bytes.
+
+A failure at any point (timeout, a peer that died) raises on every live side;
+receivers drop their staging buffer and the model is untouched.
+
+Security: the trainer's store listens only on ``bind_address`` (default: the
+address the workers connect to). A peer without the secret cannot complete
+the rendezvous, and one that guesses the store prefix fails the challenge, so
+it can neither read the weights nor feed the engine weights; a receiver
+allocates no more than its model's size for an update. Not covered: the
+traffic is not encrypted or integrity-protected after the challenge (an
+on-path attacker can read or alter the weights, or replay an old trainer
+MAC), and anyone reaching the port can still disrupt the group (denial of
+service). Across hosts, use a private network (or a tunnel). The secret must
+be high-entropy (``new_secret()``): the store prefix is a plain hash of it.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import hmac
+import json
+import logging
+import os
+import secrets
+import socket
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Mapping
+
+import torch
+import torch.distributed as dist
+
+logger = logging.getLogger("vllm.rl_compat")
+
+PROTOCOL_VERSION = 1
+DEFAULT_CHUNK_BYTES = 64 << 20
+DEFAULT_TIMEOUT = 60.0
+MAX_HEADER_BYTES = 64 << 20  # a JSON header larger than this is refused unread
+_MAX_ERROR_BYTES = 64 << 10
+_STORE_PREFIX = "vllm_rl_compat/weights"
+_LABEL = b"vllm-rl-compat"
+_NONCE_BYTES = 32
+_MAC_BYTES = hashlib.sha256().digest_size
+
+
+class BroadcastError(RuntimeError):
+    """The broadcast failed or was rejected; nothing was applied."""
+
+
+def new_secret() -> str:
+    """A fresh random secret for one trainer <-> engine pairing."""
+    return secrets.token_hex(32)
+
+
+@dataclass
+class Group:
+    """A private process group: the store that built it and the group itself.
+
+    ``listen_socket`` (rank 0 only) is the store's listening socket; the store
+    serves a duplicate of its descriptor, this object is kept for inspection
+    and is closed with the group.
+    """
+
+    store: Any
+    pg: Any
+    rank: int
+    world_size: int
+    device: torch.device
+    timeout: float
+    listen_socket: socket.socket | None = None
+
+    def broadcast(self, tensor: torch.Tensor, root: int = 0) -> None:
+        opts = dist.BroadcastOptions()
+        opts.rootRank = root
+        self.pg.broadcast([tensor], opts).wait()
+
+    def allreduce_min(self, value: int) -> int:
+        t = torch.tensor([value], dtype=torch.int64, device=self.device)
+        opts = dist.AllreduceOptions()
+        opts.reduceOp = dist.ReduceOp.MIN
+        self.pg.allreduce([t], opts).wait()
+        return int(t.item())
+
+    def broadcast_bytes(self, data: bytes | None, root: int,
+                        max_bytes: int = MAX_HEADER_BYTES) -> bytes:
+        """Broadcast a byte string; a length over ``max_bytes`` is refused.
+
+        The length goes first, so every rank sees the same length and refuses
+        it together, before any rank allocates or sends the payload.
+        """
+        size = torch.tensor([len(data) if data is not None else 0], dtype=torch.int64,
+                            device=self.device)
+        self.broadcast(size, root)
+        n = int(size.item())
+        if not 0 <= n <= max_bytes:
+            raise BroadcastError(f"refusing a {n}-byte message from rank {root} "
+                                 f"(limit {max_bytes} bytes)")
+        if self.rank == root:
+            buf = torch.frombuffer(bytearray(data), dtype=torch.uint8).to(self.device)
+        else:
+            buf = torch.empty(n, dtype=torch.uint8, device=self.device)
+        self.broadcast(buf, root)
+        return bytes(buf.cpu().numpy()) if self.rank != root else data
+
+    def close(self) -> None:
+        for obj in (self.pg,):
+            shutdown = getattr(obj, "shutdown", None)
+            if shutdown is not None:
+                try:
+                    shutdown()
+                except Exception:  # noqa: BLE001 - best effort on a broken group
+                    pass
+        self.pg = None
+        self.store = None
+        if self.listen_socket is not None:
+            self.listen_socket.close()
+            self.listen_socket = None
+
+
+def _check_secret(secret: Any) -> None:
+    # Never echo the value: it may be a real (if mistyped) secret.
+    if not isinstance(secret, str) or not secret:
+        raise ValueError("secret must be a non-empty str (see new_secret())")
+
+
+def _store_prefix(secret: str) -> str:
+    """Store namespace for ``secret``; key names are public, so only a hash."""
+    digest = hashlib.sha256(_LABEL + secret.encode()).hexdigest()[:32]
+    return f"{_STORE_PREFIX}/{digest}"
+
+
+def _listen(bind_address: str, port: int) -> socket.socket:
+    """The store's listening socket, bound only where the caller allows."""
+    try:
+        return socket.create_server((bind_address, port), family=socket.AF_INET,
+                                    backlog=128)
+    except OSError as exc:
+        raise BroadcastError(f"cannot listen on {bind_address}:{port}: {exc}") from exc
+
+
+def _open_store(host: str, port: int, rank: int, world_size: int,
+                td: datetime.timedelta, bind_address: str | None
+                ) -> tuple[Any, socket.socket | None]:
+    """Rank 0 hosts the store on its own socket; the others connect to it."""
+    if rank != 0:
+        return dist.TCPStore(host, port, world_size, is_master=False, timeout=td), None
+    sock = _listen(host if bind_address is None else bind_address, port)
+    # The store takes ownership of (and closes) the descriptor it is given;
+    # a duplicate lets ``sock`` live and close independently.
+    fd = os.dup(sock.fileno())
+    try:
+        store = dist.TCPStore(host, sock.getsockname()[1], world_size, is_master=True,
+                              timeout=td, wait_for_workers=False, master_listen_fd=fd)
+    except BaseException:
+        os.close(fd)
+        sock.close()
+        raise
+    return store, sock
+
+
+def _join(host: str, port: int, *, rank: int, world_size: int, timeout: float,
+          backend: str, prefix: str, bind_address: str | None = None) -> Group:
+    """Form the group under ``prefix`` (no challenge); blocks until all joined."""
+    if backend not in ("gloo", "nccl"):
+        raise ValueError(f"backend must be 'gloo' or 'nccl', got {backend!r}")
+    td = datetime.timedelta(seconds=timeout)
+    sock = None
+    try:
+        store, sock = _open_store(host, port, rank, world_size, td, bind_address)
+        prefixed = dist.PrefixStore(prefix, store)
+        if backend == "gloo":
+            pg = dist.ProcessGroupGloo(prefixed, rank, world_size, td)
+            device = torch.device("cpu")
+        else:
+            opts = dist.ProcessGroupNCCL.Options()
+            opts._timeout = td
+            pg = dist.ProcessGroupNCCL(prefixed, rank, world_size, opts)
+            device = torch.device("cuda", torch.cuda.current_device())
+        group = Group(store, pg, rank, world_size, device, timeout, sock)
+        # Make the join itself a rendezvous: everyone is in before anyone returns.
+        group.allreduce_min(0)
+    except BroadcastError:
+        raise
+    except Exception as exc:
+        if sock is not None:
+            sock.close()
+        raise BroadcastError(
+            f"could not form the weight broadcast group as rank {rank} of {world_size} "
+            f"within {timeout:g} s (not all ranks joined, or they hold different "
+            f"secrets): {type(exc).__name__}: {exc}") from exc
+    return group
+
+
+def _mac(key: bytes, nonce: bytes, rank: int) -> bytes:
+    return hmac.new(key, nonce + rank.to_bytes(4, "big") + _LABEL, hashlib.sha256).digest()
+
+
+def _challenge(group: Group, secret: str) -> None:
+    """Prove to each other that every rank holds ``secret``; raise if one does not.
+
+    Knowing the store prefix is not enough (its hash is visible to anyone who
+    lists the store's keys), so each rank MACs a fresh nonce bound to its rank.
+    """
+    key = secret.encode()
+    w, me = group.world_size, group.rank
+    nonce = group.broadcast_bytes(secrets.token_bytes(_NONCE_BYTES) if me == 0 else None,
+                                  root=0, max_bytes=_NONCE_BYTES)
+    first_bad = w
+    for r in range(w):
+        got = group.broadcast_bytes(_mac(key, nonce, r) if r == me else None, root=r,
+                                    max_bytes=_MAC_BYTES)
+        if r != me and first_bad == w and not hmac.compare_digest(got, _mac(key, nonce, r)):
+            first_bad = r
+    if group.allreduce_min(0 if first_bad < w else 1) == 1:
+        return
+    # Name the culprit as the trainer saw it; if the trainer saw none, some
+    # receiver could not verify the trainer itself.
+    seen = torch.tensor([first_bad], dtype=torch.int64, device=group.device)
+    group.broadcast(seen, 0)
+    culprit = int(seen.item()) % w
+    raise BroadcastError("a peer that does not hold the secret joined the weight "
+                         f"broadcast group (rank {culprit}); nothing was sent")
+
+
+def join_group(host: str, port: int, *, rank: int, world_size: int,
+               timeout: float = DEFAULT_TIMEOUT, backend: str = "gloo",
+               secret: str, bind_address: str | None = None) -> Group:
+    """Join (rank 0: host) the trainer <-> workers group; blocks until all joined.
+
+    Every rank must pass the same ``secret``; the group is only returned once
+    every member has proven it holds it. Rank 0 listens on ``bind_address``
+    (default ``host``; ``"0.0.0.0"`` for all interfaces); other ranks ignore it.
+    ``backend="nccl"`` puts the group and staging buffers on the current CUDA
+    device (engine on GPU); it is written for CUDA but untested here.
+    """
+    _check_secret(secret)
+    group = _join(host, port, rank=rank, world_size=world_size, timeout=timeout,
+                  backend=backend, prefix=_store_prefix(secret), bind_address=bind_address)
+    try:
+        _challenge(group, secret)
+    except BroadcastError:
+        group.close()
+        raise
+    except Exception as exc:
+        group.close()
+        raise BroadcastError(f"the weight broadcast group's secret check failed: "
+                             f"{type(exc).__name__}: {exc}") from exc
+    return group
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _dtype_from_name(name: str) -> torch.dtype:
+    dtype = getattr(torch, name, None) if isinstance(name, str) else None
+    if not isinstance(dtype, torch.dtype):
+        raise BroadcastError(f"unknown dtype {name!r} in broadcast metadata")
+    return dtype
+
+
+class TrainerBroadcaster:
+    """Trainer side: host the group and send state dicts to the engine.
+
+    Example (trainer process)::
+
+        from vllm_rl_compat.weights.broadcast import TrainerBroadcaster, new_secret
+
+        secret = new_secret()  # give it to the engine side out of band
+        bc = TrainerBroadcaster("127.0.0.1", 29555, num_receivers=2, secret=secret)
+        bc.send({k: v.to(torch.bfloat16) for k, v in model.state_dict().items()})
+        bc.close()
+
+    The engine side must connect with the same host, port and secret at the
+    same time as the constructor (each blocks until the other joined), and
+    receive at the same time as each ``send``.
+    """
+
+    def __init__(self, host: str, port: int, num_receivers: int, *, secret: str,
+                 timeout: float = DEFAULT_TIMEOUT, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+                 backend: str = "gloo", bind_address: str | None = None) -> None:
+        _check_secret(secret)
+        if chunk_bytes <= 0:
+            raise ValueError(f"chunk_bytes must be positive, got {chunk_bytes}")
+        self.chunk_bytes = int(chunk_bytes)
+        self.group = join_group(host, port, rank=0, world_size=1 + num_receivers,
+                                timeout=timeout, backend=backend, secret=secret,
+                                bind_address=bind_address)
+
+    def send(self, state_dict: Mapping[str, torch.Tensor]
+             | Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Send one complete update; raises ``BroadcastError`` if it is rejected."""
+        items = list(state_dict.items() if isinstance(state_dict, Mapping) else state_dict)
+        entries = [(name, tuple(t.shape), t.dtype) for name, t in items]
+        offsets, total = _layout(entries)
+        header = {"protocol": PROTOCOL_VERSION, "total_bytes": total,
+                  "chunk_bytes": self.chunk_bytes,
+                  "tensors": [[n, list(s), _dtype_name(d)] for n, s, d in entries]}
+        g = self.group
+        g.broadcast_bytes(json.dumps(header).encode(), root=0)
+        _agree(g, None)
+        chunk = torch.zeros(min(self.chunk_bytes, max(total, 1)), dtype=torch.uint8,
+                            device=g.device)
+        sent = 0  # stream position of chunk[0]
+        filled = 0
+        for (_, t), start in zip(items, offsets):
+            filled = start - sent  # alignment padding stays whatever is in the chunk
+            while filled >= chunk.numel():  # (only if padding crosses a chunk edge)
+                g.broadcast(chunk, 0)
+                sent += chunk.numel()
+                filled -= chunk.numel()
+            data = t.detach().contiguous().reshape(-1).view(torch.uint8)
+            pos = 0
+            while pos < data.numel():
+                n = min(data.numel() - pos, chunk.numel() - filled)
+                chunk[filled:filled + n].copy_(data[pos:pos + n])
+                filled += n
+                pos += n
+                if filled == chunk.numel():
+                    g.broadcast(chunk, 0)
+                    sent += chunk.numel()
+                    filled = 0
+        if total > sent:
+            g.broadcast(chunk[:total - sent], 0)
+        if g.allreduce_min(1) != 1:
+            raise BroadcastError("a receiver failed after the data was sent")
+
+    def close(self) -> None:
+        self.group.close()
+
+
+def _agree(group: Group, error: str | None) -> None:
+    """All-reduce a verdict; if any rank failed, every rank raises its error text."""
+    mine = group.rank if error is not None else group.world_size
+    first_bad = group.allreduce_min(mine)
+    if first_bad == group.world_size:
+        return
+    if not 0 <= first_bad < group.world_size:  # only a misbehaving peer sends this
+        raise BroadcastError(f"invalid verdict {first_bad} from the broadcast group")
+    payload = None
+    if group.rank == first_bad:
+        payload = error.encode()[:_MAX_ERROR_BYTES]
+    text = group.broadcast_bytes(payload, root=first_bad, max_bytes=_MAX_ERROR_BYTES)
+    raise BroadcastError(f"weight update rejected by receiver rank {first_bad}: "
+                         f"{text.decode(errors='replace')}")
+
+
+def _short(value: Any) -> str:
+    """``repr`` cut short: header values are untrusted and may be huge."""
+    text = repr(value)
+    return text if len(text) <= 100 else text[:100] + "..."
+
+
+def _int_field(header: dict, key: str) -> int:
+    value = header.get(key)
+    if type(value) is not int:  # bool and float are refused too
+        raise BroadcastError(f"broadcast metadata field {key!r} must be an int, "
+                             f"got {_short(value)}")
+    return value
+
+
+def _parse_entries(tensors: Any) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
+    """``[[name, shape, dtype], ...]`` -> entries; malformed items are refused."""
+    if not isinstance(tensors, list):
+        raise BroadcastError("broadcast metadata field 'tensors' must be a list")
+    entries = []
+    for item in tensors:
+        ok = (isinstance(item, list) and len(item) == 3 and isinstance(item[0], str)
+              and isinstance(item[1], list)
+              and all(type(s) is int and s >= 0 for s in item[1]))
+        if not ok:
+            raise BroadcastError(f"malformed tensor entry {_short(item)} "
+                                 "in broadcast metadata")
+        entries.append((item[0], tuple(item[1]), _dtype_from_name(item[2])))
+    return entries
+
+
+def _check_header(raw: bytes, validate: Callable[[Iterable], None]
+                  ) -> tuple[list[tuple[str, tuple[int, ...], torch.dtype]], int, int]:
+    """Parse and check a header; returns ``(entries, total, chunk)``.
+
+    Sizes are only trusted once they follow from tensors the model accepted,
+    so a receiver never allocates more than its model's size.
+    """
+    header = json.loads(raw)
+    if not isinstance(header, dict):
+        raise BroadcastError("broadcast metadata is not a JSON object")
+    if header.get("protocol") != PROTOCOL_VERSION:
+        raise BroadcastError(f"trainer speaks protocol {_short(header.get('protocol'))}, "
+                             f"this engine {PROTOCOL_VERSION}")
+    entries = _parse_entries(header.get("tensors"))
+    validate(entries)
+    total = _layout(entries)[1]
+    claimed = _int_field(header, "total_bytes")
+    if claimed != total:
+        raise BroadcastError(f"broadcast metadata claims total_bytes={claimed}, but its "
+                             f"tensors take {total} bytes")
+    chunk = _int_field(header, "chunk_bytes")
+    if chunk <= 0:
+        raise BroadcastError(f"broadcast metadata has chunk_bytes={chunk}; "
+                             "it must be positive")
+    return entries, total, min(chunk, max(total, 1))
+
+
+def receive_update(group: Group, validate: Callable[[Iterable], None]
+                   ) -> list[tuple[str, torch.Tensor]]:
+    """Receiver side of one update: metadata, verdict, data into staging.
+
+    Returns ``(name, tensor)`` views into one staging buffer. Raises
+    ``BroadcastError`` (rejected, or the transfer broke); nothing is kept then.
+    """
+    received = 0
+    total = 0
+    try:
+        raw = group.broadcast_bytes(None, root=0, max_bytes=MAX_HEADER_BYTES)
+        error = None
+        try:
+            entries, total, chunk = _check_header(raw, validate)
+        except Exception as exc:  # noqa: BLE001 - sent to the group as text
+            error = str(exc) or type(exc).__name__
+        _agree(group, error)
+        staging = torch.empty(total, dtype=torch.uint8, device=group.device)
+        while received < total:
+            n = min(chunk, total - received)
+            group.broadcast(staging[received:received + n], 0)
+            received += n
+        if group.allreduce_min(1) != 1:
+            raise BroadcastError("another receiver failed")
+    except BroadcastError:
+        raise
+    except Exception as exc:
+        raise BroadcastError(
+            f"weight broadcast from the trainer failed after {received} of {total} "
+            f"bytes (timeout {group.timeout:g} s): {type(exc).__name__}: {exc}") from exc
+    offsets, _ = _layout(entries)
+    return [(name, staging[start:start + _nbytes(shape, dtype)].view(dtype).view(shape))
+            for (name, shape, dtype), start in zip(entries, offsets)]
+
+
+_ALIGN = 64  # every tensor starts at a multiple of this many bytes
+
+
+def _nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
+    numel = 1
+    for s in shape:
+        numel *= int(s)
+    return numel * dtype.itemsize
+
+
+def _layout(entries: list[tuple[str, tuple[int, ...], torch.dtype]]
+            ) -> tuple[list[int], int]:
+    """Byte offset of each tensor in the stream (aligned) and the total size."""
+    offsets, pos = [], 0
+    for _, shape, dtype in entries:
+        pos = -(-pos // _ALIGN) * _ALIGN
+        offsets.append(pos)
+        pos += _nbytes(shape, dtype)
+    return offsets, pos

@@ -1,0 +1,258 @@
+"""The one weight-update transaction, behind every front end (front-end process).
+
+vLLM's RL calls (``init_weight_transfer_engine``, ``start_weight_update``,
+``update_weights``, ``finish_weight_update``, ``shutdown_weight_transfer_engine``
+on ``LLM`` and ``AsyncLLM``, hence the HTTP routes of ``vllm serve`` too) are
+routed here in RL mode, whichever backend carries the bytes:
+
+* start: pause at an engine step boundary keeping running requests and their
+  KV cache (``AsyncLLM``: ``pause_generation(mode="keep", clear_cache=False)``;
+  offline ``LLM``: ``sleep(level=0, mode="keep")``), unless the caller
+  already paused; open the backend's update on every worker.
+* update (any number of chunks): every worker receives and validates into
+  staging (our backends) or loads (vLLM's own, which stream straight into
+  the parameters).
+* finish: every worker checks its staging is complete; only then does any
+  worker apply (our fast CPU apply, else vLLM's layerwise reload), refresh
+  the fp32 head, close the backend's update. Then the version label is
+  bumped and generation resumes.
+* Any failure before the apply: every worker drops its staging, the model
+  is unchanged, generation resumes and the caller gets ``WeightUpdateError``
+  naming the problem. A failure during the apply: ``WeightSyncCorruptedError``.
+
+The steps are written once, as generators of engine operations; the sync and
+async drivers (``run`` / ``run_async``) execute the same steps on an ``LLM``
+or an ``AsyncLLM``. Each worker-side step carries a proof (``weights.proof``).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Generator
+
+from vllm_rl_compat.weights import proof
+from vllm_rl_compat.weights.spec import WeightSyncCorruptedError, WeightUpdateError
+from vllm_rl_compat.weights.versions import parse_version, version_start
+
+logger = logging.getLogger("vllm.rl_compat")
+
+WORKER_METHOD = "rl_compat_txn"
+Op = tuple  # ("rpc", step, info) | ("pause",) | ("resume",) | ("is_paused",) | ...
+Steps = Generator[Op, Any, Any]
+
+
+class TransactionStateError(RuntimeError):
+    """A call out of order (a second start, an update without a start)."""
+
+
+@dataclass
+class Transaction:
+    """Per-engine state of the weight-update transaction."""
+
+    vllm_config: Any
+    open_id: str | None = None
+    paused_by_us: bool = False
+    chunks: int = 0
+    version: int = 0
+    started_at: float = 0.0
+    last_pause_seconds: float | None = None
+    # per worker, the last successful apply: {"rank", "head_refreshed", "fast"}
+    last_apply: list[dict[str, Any]] | None = None
+    step_lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def __post_init__(self) -> None:
+        self.version = version_start(self.vllm_config)
+
+    @property
+    def is_open(self) -> bool:
+        return self.open_id is not None
+
+    # ------------------------------------------------------------- steps
+    def init(self, init_info: dict[str, Any]) -> Steps:
+        """Connect the backend (e.g. join the trainer's broadcast group)."""
+        self._require_closed("init_weight_transfer_engine")
+        txn = proof.new_txn_id()
+        yield self._rpc(txn, "init", init_info)
+
+    def shutdown(self) -> Steps:
+        self._require_closed("shutdown_weight_transfer_engine")
+        txn = proof.new_txn_id()
+        yield self._rpc(txn, "shutdown")
+
+    def start(self) -> Steps:
+        self._require_closed("start_weight_update")
+        self.open_id, self.chunks = proof.new_txn_id(), 0
+        self.started_at = time.perf_counter()
+        try:
+            self._adopt(parse_version((yield ("get_version",))))
+            self.paused_by_us = not (yield ("is_paused",))
+            if self.paused_by_us:
+                yield ("pause",)
+            yield self._rpc(self.open_id, "start")
+        except BaseException as exc:
+            yield from self._close(abort=True)
+            raise _rejected(exc) from exc
+
+    def update(self, update_info: Any) -> Steps:
+        self._require_open("update_weights")
+        self.chunks += 1
+        try:
+            yield self._rpc(self.open_id, f"update:{self.chunks}", update_info)
+        except BaseException as exc:
+            yield from self._close(abort=True)
+            raise _rejected(exc) from exc
+
+    def finish(self, weight_version: str | None, allow_fast: bool) -> Steps:
+        """Check every worker, then apply; returns the new version."""
+        self._require_open("finish_weight_update")
+        try:
+            yield self._rpc(self.open_id, "check")
+        except BaseException as exc:
+            yield from self._close(abort=True)
+            raise _rejected(exc) from exc
+        try:
+            self.last_apply = yield self._rpc(self.open_id, "finish", allow_fast)
+        except BaseException as exc:
+            yield from self._close(abort=False)
+            raise WeightSyncCorruptedError(f"applying a validated update failed: {exc}") from exc
+        label = str(self.version + 1) if weight_version is None else str(weight_version)
+        self._adopt(parse_version(label), default=self.version + 1)
+        try:
+            yield ("set_version", label)
+        finally:
+            yield from self._close(abort=False)
+        return self.version
+
+    def abort(self) -> Steps:
+        """Drop an open update (e.g. the trainer died between start and finish)."""
+        self._require_open("abort_weight_update")
+        yield from self._close(abort=True)
+
+    # ----------------------------------------------------------- helpers
+    def _rpc(self, txn: str, step: str, info: Any = None) -> Op:
+        return ("rpc", {"txn": txn, "step": step, "proof": proof.sign(txn, step), "info": info})
+
+    def _adopt(self, parsed: int | str, default: int | None = None) -> None:
+        if isinstance(parsed, int):
+            self.version = parsed
+        elif default is not None:
+            self.version = default
+
+    def _close(self, abort: bool) -> Steps:
+        txn, self.open_id = self.open_id, None
+        try:
+            if abort and txn is not None:
+                try:
+                    yield self._rpc(txn, "abort")
+                except Exception:  # noqa: BLE001 - the original error is what matters
+                    logger.exception("dropping a staged weight update failed")
+        finally:
+            if self.paused_by_us:
+                self.paused_by_us = False
+                yield ("resume",)
+            self.last_pause_seconds = time.perf_counter() - self.started_at
+
+    def _require_open(self, call: str) -> None:
+        if self.open_id is None:
+            raise TransactionStateError(f"{call}: no weight update is in progress "
+                                        f"(call start_weight_update first)")
+
+    def _require_closed(self, call: str) -> None:
+        if self.open_id is not None:
+            raise TransactionStateError(f"{call}: a weight update is in progress; "
+                                        f"finish_weight_update (or abort) it first")
+
+
+def _rejected(exc: BaseException) -> BaseException:
+    """What the caller sees when a step before the apply failed."""
+    if isinstance(exc, (WeightUpdateError, TransactionStateError)):
+        return exc
+    text = str(exc)
+    # vLLM wraps worker errors; keep the worker's own message readable.
+    return WeightUpdateError(text if "model unchanged" in text else
+                             f"weight update failed before anything was applied, model "
+                             f"unchanged: {text}")
+
+
+# -------------------------------------------------------------- drivers
+def run(steps: Steps, port: Any) -> Any:
+    """Execute ``steps`` on a synchronous port (``LLMPort``)."""
+    result: Any = None
+    error: BaseException | None = None
+    while True:
+        try:
+            op = steps.throw(error) if error is not None else steps.send(result)
+        except StopIteration as stop:
+            return stop.value
+        try:
+            result, error = getattr(port, op[0])(*op[1:]), None
+        except BaseException as exc:  # noqa: BLE001 - thrown back into the steps
+            result, error = None, exc
+
+
+async def run_async(steps: Steps, port: Any) -> Any:
+    """Execute ``steps`` on an asynchronous port (``AsyncLLMPort``)."""
+    result: Any = None
+    error: BaseException | None = None
+    while True:
+        try:
+            op = steps.throw(error) if error is not None else steps.send(result)
+        except StopIteration as stop:
+            return stop.value
+        try:
+            result, error = await getattr(port, op[0])(*op[1:]), None
+        except BaseException as exc:  # noqa: BLE001 - thrown back into the steps
+            result, error = None, exc
+
+
+class LLMPort:
+    """Engine operations of an offline ``LLM`` (blocking)."""
+
+    def __init__(self, llm: Any) -> None:
+        self.llm = llm
+
+    def rpc(self, kwargs: dict[str, Any]) -> list[Any]:
+        return self.llm.collective_rpc(WORKER_METHOD, kwargs=kwargs)
+
+    def pause(self) -> None:
+        self.llm.sleep(level=0, mode="keep")
+
+    def resume(self) -> None:
+        self.llm.wake_up(tags=["scheduling"])
+
+    def is_paused(self) -> bool:
+        return False  # the offline LLM has no user-level pause
+
+    def get_version(self) -> str:
+        return self.llm.llm_engine.get_weight_version()
+
+    def set_version(self, label: str) -> None:
+        self.llm.llm_engine.set_weight_version(label)
+
+
+class AsyncLLMPort:
+    """Engine operations of an ``AsyncLLM`` (awaitable)."""
+
+    def __init__(self, engine: Any) -> None:
+        self.engine = engine
+
+    async def rpc(self, kwargs: dict[str, Any]) -> list[Any]:
+        return await self.engine.collective_rpc(WORKER_METHOD, kwargs=kwargs)
+
+    async def pause(self) -> None:
+        await self.engine.pause_generation(mode="keep", clear_cache=False)
+
+    async def resume(self) -> None:
+        await self.engine.resume_generation()
+
+    async def is_paused(self) -> bool:
+        return await self.engine.is_paused()
+
+    async def get_version(self) -> str:
+        return await self.engine.get_weight_version()
+
+    async def set_version(self, label: str) -> None:
+        await self.engine.update_weight_version(label)

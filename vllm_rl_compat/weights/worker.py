@@ -1,0 +1,225 @@
+"""Worker extension: the worker side of the weight-update transaction.
+
+vLLM appends this class to its worker's bases (``worker_extension_cls``).
+Only three methods are public, so dev mode's ``/collective_rpc`` (which
+calls worker methods by name) reaches nothing else of ours:
+
+* ``rl_compat_ping`` and ``rl_compat_weight_spec`` read;
+* ``rl_compat_txn(txn, step, proof, info)`` runs one step of the front end's
+  transaction (``weights.transaction``) after checking its proof
+  (``weights.proof``) and its order: ``start`` needs a fresh transaction id,
+  every other step the open one; each step runs at most once.
+
+Steps: ``init`` / ``shutdown`` (vLLM's ``init_weight_transfer_engine`` /
+``shutdown_weight_transfer_engine``), ``start``, ``update:N`` (vLLM's
+``start_weight_update`` / ``update_weights``: our backends validate into
+staging, ``weights.backends``), ``check`` (is the staging complete?),
+``finish`` (apply, refresh the fp32 head, vLLM's ``finish_weight_update``)
+and ``abort`` (drop the staging).
+
+Apply path for our backends: on the CPU platform, for unquantized models made
+of packed linears, embeddings and plain layers, ``weights.apply_cpu`` (each
+tensor through its parameter's own weight loader, re-pack of exactly the
+changed layers, no re-allocation); any other model, or a failed import of
+the vLLM internals it needs, uses vLLM's layerwise reload. The choice is made
+once per worker and returned by ``finish`` (``"fast": True/False``). vLLM's own
+backends (``nccl``, ``ipc`` on GPU) load while receiving; ``finish`` then runs
+their own finish (layerwise finalize) and refreshes the head.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from typing import Any, Iterable, Iterator
+
+logger = logging.getLogger("vllm.rl_compat")
+
+
+class WeightSyncExtension:
+    """Worker-side weight updates; see ``vllm_rl_compat.weights.transaction``."""
+
+    def rl_compat_ping(self) -> bool:
+        """Lets the front end check that the extension is installed."""
+        return True
+
+    def rl_compat_weight_spec(self) -> dict[str, Any]:
+        """``{checkpoint name: (shape, dtype)}`` an update must provide exactly."""
+        return _spec(self).as_dict()
+
+    def rl_compat_txn(self, txn: str, step: str, proof: str, info: Any = None) -> Any:
+        """Run one transaction step (refused without the front end's proof)."""
+        from vllm_rl_compat.weights.proof import verify
+
+        verify(txn, step, proof)
+        _admit(self, txn, step)
+        name = step.partition(":")[0]
+        engine = getattr(self, "weight_transfer_engine", None)
+        if engine is None:
+            raise RuntimeError("this engine has no weight_transfer_config (RL mode sets one "
+                               "unless weight_sync is off)")
+        with _authorized(engine):
+            return _STEPS[name](self, engine, info)
+
+
+# ------------------------------------------------------------ step order
+def _admit(worker: Any, txn: str, step: str) -> None:
+    """Each step once, in order: a replayed or forged sequence is refused."""
+    state = worker.__dict__.setdefault("_rl_compat_txns", {"open": None, "done": set()})
+    key = (txn, step)
+    if key in state["done"] or step.partition(":")[0] not in _STEPS:
+        raise PermissionError(f"weight step {step!r} refused: replayed or unknown")
+    if step == "start":
+        state["open"] = txn
+    elif step not in ("init", "shutdown") and state["open"] != txn:
+        raise PermissionError(f"weight step {step!r} refused: its transaction is not open")
+    if step in ("finish", "abort"):
+        state["open"] = None
+    state["done"].add(key)
+
+
+@contextlib.contextmanager
+def _authorized(engine: Any) -> Iterator[None]:
+    ours = hasattr(engine, "authorized")
+    if ours:
+        engine.authorized = True
+    try:
+        yield
+    finally:
+        if ours:
+            engine.authorized = False
+
+
+def _is_ours(engine: Any) -> bool:
+    from vllm_rl_compat.weights.backends import RLCompatWeightTransferEngine
+
+    return isinstance(engine, RLCompatWeightTransferEngine)
+
+
+def _spec(worker: Any) -> Any:
+    engine = getattr(worker, "weight_transfer_engine", None)
+    if engine is not None and _is_ours(engine):
+        return engine.spec
+    spec = worker.__dict__.get("_rl_compat_spec")
+    if spec is None:
+        from vllm_rl_compat.weights.spec import model_weight_spec
+
+        spec = model_weight_spec(worker.vllm_config, worker.model_runner.get_model())
+        worker.__dict__["_rl_compat_spec"] = spec
+    return spec
+
+
+# ------------------------------------------------------------------ steps
+def _init(worker: Any, engine: Any, info: Any) -> None:
+    worker.init_weight_transfer_engine(info or {})
+
+
+def _shutdown(worker: Any, engine: Any, info: Any) -> None:
+    worker.shutdown_weight_transfer_engine()
+
+
+def _start(worker: Any, engine: Any, info: Any) -> None:
+    worker.start_weight_update()
+
+
+def _update(worker: Any, engine: Any, info: Any) -> None:
+    worker.update_weights(info if info is not None else {})
+
+
+def _check(worker: Any, engine: Any, info: Any) -> None:
+    if _is_ours(engine):
+        engine.check_complete()
+
+
+def _finish(worker: Any, engine: Any, allow_fast: Any) -> dict[str, Any]:
+    fast = None
+    if _is_ours(engine):
+        model = worker.model_runner.get_model()
+        fast = _fast_reloader(worker) if allow_fast else None
+        staged = engine.take_staged()
+        if fast is not None:
+            _apply_fast(worker, fast, model, staged)
+        else:
+            _apply_layerwise(worker, model, staged)
+    worker.finish_weight_update()
+    from vllm_rl_compat.fp32_head import refresh_head
+
+    refresh_head(worker.model_runner.get_model())
+    return {"rank": int(getattr(worker, "rank", 0)), "head_refreshed": True,
+            "fast": fast is not None}
+
+
+def _abort(worker: Any, engine: Any, info: Any) -> None:
+    if _is_ours(engine):
+        engine.drop()
+    worker._weight_update_active = False
+    engine.reset_weight_update_target()
+
+
+_STEPS = {"init": _init, "shutdown": _shutdown, "start": _start, "update": _update,
+          "check": _check, "finish": _finish, "abort": _abort}
+
+
+# ------------------------------------------------------------------ apply
+def _fast_reloader(worker: Any) -> Any:
+    """The worker's ``FastReloader``, or ``None`` for the layerwise reload."""
+    if "_rl_compat_fast" not in worker.__dict__:
+        from vllm_rl_compat.weights import apply_cpu
+
+        fast, reason = None, apply_cpu.fast_reload_blocker(worker.vllm_config)
+        if reason is None:
+            try:
+                apply_cpu.check_internals()
+            except ImportError as exc:  # a vLLM release moved an internal it needs
+                reason = f"its vLLM internals cannot be imported ({exc})"
+            else:
+                fast, reason = apply_cpu.build_fast_reloader(worker.model_runner.get_model())
+        if fast is None:
+            logger.info("weight updates use vLLM's layerwise reload: %s", reason)
+        worker.__dict__["_rl_compat_fast"] = fast
+    return worker.__dict__["_rl_compat_fast"]
+
+
+def _apply_fast(worker: Any, fast: Any, model: Any,
+                weights: Iterable[tuple[str, Any]]) -> None:
+    from vllm.config import set_current_vllm_config
+
+    with set_current_vllm_config(worker.vllm_config):
+        fast.apply(model, weights)
+    runner = worker.model_runner  # what GPUModelRunner.reload_weights resets too
+    for reset in ("reset_lora_state", "reset_encoder_cache", "reset_mm_cache"):
+        if hasattr(runner, reset):
+            getattr(runner, reset)()
+
+
+def _apply_layerwise(worker: Any, model: Any, staged: list[tuple[str, Any]]) -> None:
+    spec = _spec(worker)
+    exact = [(n, t) for n, t in staged if n in spec.exact_names]
+    worker.reload_weights(weights_iterator=iter(staged), is_checkpoint_format=True)
+    _copy_exact(model, spec, exact)
+    from vllm_rl_compat.weights.apply_cpu import rebuild_tied_heads
+
+    rebuild_tied_heads(model)
+
+
+def _copy_exact(model: Any, spec: Any, exact: list[tuple[str, Any]]) -> None:
+    """Re-load tensors whose parameter is not in the model dtype (fp32 head).
+
+    vLLM's layerwise reload materialises each layer from metadata recorded at
+    start-up; a parameter made fp32 after that (fp32 head, ``weights`` mode)
+    would be rebuilt in the recorded dtype and its values rounded on the way.
+    Running the parameter's own weight loader again with the validated fp32
+    tensor writes the exact values (sharding and padding stay the loader's).
+    """
+    if not exact:
+        return
+    import torch
+
+    from vllm.model_executor.model_loader.weight_utils import default_weight_loader
+
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, tensor in exact:
+            param = params[spec.exact_names[name]]
+            loader = getattr(param, "weight_loader", default_weight_loader)
+            loader(param, tensor)
