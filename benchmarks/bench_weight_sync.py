@@ -2,21 +2,23 @@
 
 For each source (in-process tensors, safetensors folder, trainer broadcast
 over gloo) it runs R full updates on one offline ``LLM`` and reports the
-median pause-to-resume wall time (``WeightSync.last_pause_seconds``: pause,
-stage, apply through vLLM's layerwise reload, version bump, resume) and its
+median pause-to-resume wall time (``WeightSync.last_pause_seconds``: one
+transaction of vLLM's RL calls: pause, receive and validate into staging,
+apply, version bump, resume) and its
 ratio to copying the same number of bytes in memory on this machine
 (``torch.Tensor.copy_`` of one flat buffer, median of 10). For the tensors
 source the time to write the shared-memory file (before the pause) is
 reported separately.
 
-The apply path is ``vllm_rl_compat.fast_reload`` when the model qualifies;
-unless ``--no-layerwise`` is given, a second engine started with
+The apply path is ``vllm_rl_compat.weights.apply_cpu`` when the model
+qualifies; unless ``--no-layerwise`` is given, a second engine started with
 ``VLLM_RL_COMPAT_FAST_RELOAD=0`` measures the tensors and files sources again
-through vLLM's layerwise reload (the path before ``fast_reload``), in the same
-run, so the two are compared under the same machine load.
+through vLLM's layerwise reload, in the same run, so the two are compared
+under the same machine load.
 
-Run: ``VLLM_RL_COMPAT=1 python benchmarks/bench_weight_sync.py [--repeats 5]``
-(prints a markdown table; not a test).
+Run: ``python benchmarks/bench_weight_sync.py [--repeats 5]``; writes
+``benchmarks/results/weight_sync_<cpu kind>.md`` with a header naming the
+machine (``benchmarks/machine.py``). Not a test.
 """
 
 from __future__ import annotations
@@ -35,6 +37,8 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
 HERE = Path(__file__).resolve().parent
 TRAINER = HERE.parent / "tests" / "weight_sync_trainer.py"
+sys.path.insert(0, str(HERE))
+import machine  # noqa: E402  (benchmarks/machine.py: the results-file header)
 
 
 def memcpy_seconds(nbytes: int, repeats: int = 10) -> float:
@@ -146,23 +150,30 @@ def main() -> None:
 
     model = str(default_model_dir())
     state = load_state(model)
+    load_before = machine.load()
     rows, sync = bench_sources(model, state, args, "", broadcast=True)
     if not args.no_layerwise:
-        os.environ["VLLM_RL_COMPAT_FAST_RELOAD"] = "0"  # read by WeightSync at each update
+        os.environ["VLLM_RL_COMPAT_FAST_RELOAD"] = "0"  # read by the front end at each update
         more, _ = bench_sources(model, state, args, " (layerwise fallback)", broadcast=False)
         rows += more
     nbytes = sync.spec.total_bytes
     copy_s = memcpy_seconds(nbytes)
-    print(f"\nSmolLM2-135M bf16: {nbytes / 2**20:.1f} MiB, {len(state)} tensors; "
-          f"memcpy of the same bytes: {copy_s * 1e3:.1f} ms (median of 10); "
-          f"torch {torch.__version__}, {os.cpu_count()} CPUs, repeats {args.repeats}\n")
-    print("| source | pause-to-resume median (ms) | min (ms) | ratio to memcpy | notes |")
-    print("|---|---|---|---|---|")
+    lines = [machine.header("Full weight update of SmolLM2-135M on CPU, per source",
+                            load_before),
+             f"SmolLM2-135M bf16: {nbytes / 2**20:.1f} MiB, {len(state)} tensors; memcpy of "
+             f"the same bytes: {copy_s * 1e3:.1f} ms (median of 10); torch "
+             f"{torch.__version__}; repeats {args.repeats}; pause-to-resume of one "
+             f"transaction (pause, receive and validate into staging, apply, version, "
+             f"resume).", "",
+             "| source | pause-to-resume median (ms) | min (ms) | ratio to memcpy | notes |",
+             "|---|---|---|---|---|"]
     for name, times, extra in rows:
         med = statistics.median(times)
-        print(f"| {name} | {med * 1e3:.0f} | {min(times) * 1e3:.0f} | "
-              f"{med / copy_s:.1f}x | {extra} |")
-
+        lines.append(f"| {name} | {med * 1e3:.0f} | {min(times) * 1e3:.0f} | "
+                     f"{med / copy_s:.1f}x | {extra} |")
+    out = HERE / "results" / f"weight_sync_{machine.cpu_kind()}.md"
+    out.write_text("\n".join(lines) + "\n")
+    print(out.read_text())
 
 if __name__ == "__main__":
     main()

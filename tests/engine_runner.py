@@ -25,6 +25,7 @@ def effective_settings(vllm_config) -> dict:
         "enable_prefix_caching": vllm_config.cache_config.enable_prefix_caching,
         "async_scheduling": vllm_config.scheduler_config.async_scheduling,
         "worker_extension_cls": vllm_config.parallel_config.worker_extension_cls,
+        "weight_transfer_backend": getattr(vllm_config.weight_transfer_config, "backend", None),
         "additional_config": vllm_config.additional_config,
     }
 
@@ -77,7 +78,25 @@ def inspect(llm, outputs: list[dict], temperature: float) -> dict:
     except RuntimeError as exc:
         weight_sync_error = str(exc)
     return {"head": head, "weight_sync_error": weight_sync_error,
+            "patched_here": patched_front_end(),
             "reference": [{k: v.tolist() for k, v in r.items()} for r in refs]}
+
+
+def patched_front_end() -> list[str]:
+    """vLLM attributes RL mode wraps in the front-end process that are wrapped here
+    (``vllm_rl_compat.patching`` marks every wrapper)."""
+    import vllm.plugins
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.entrypoints.llm import LLM
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    owners = {"EngineArgs": (EngineArgs, ["create_engine_config"]),
+              "vllm.plugins": (vllm.plugins, ["load_endpoint_plugins"]),
+              "LLM": (LLM, ["start_weight_update", "update_weights", "finish_weight_update"]),
+              "AsyncLLM": (AsyncLLM, ["start_weight_update", "update_weights",
+                                      "finish_weight_update"])}
+    return [f"{title}.{name}" for title, (owner, names) in owners.items() for name in names
+            if hasattr(getattr(owner, name), "__rl_compat_original__")]
 
 
 async def run_async(request: dict) -> dict:

@@ -185,3 +185,37 @@ def test_default_backend_is_ours(tiny_model) -> None:
     args = _args(tiny_model)
     config = args.create_engine_config()
     assert config.weight_transfer_config.backend == "rl_compat_gloo"
+
+
+@pytest.mark.parametrize("env_token, api_key, want", [
+    ("ctl", ["user-key"], "ctl"),      # the control token wins over the users' key
+    (None, ["user-key"], "user-key"),  # else the server's --api-key
+    (None, None, None),                # neither: routes not mounted
+])
+def test_control_routes_token_choice(monkeypatch, env_token, api_key, want) -> None:
+    """Which token guards the RL routes, and that without one none is mounted."""
+    from argparse import Namespace
+
+    from fastapi import FastAPI
+
+    from vllm_rl_compat.weights import http
+
+    monkeypatch.delenv("VLLM_API_KEY", raising=False)
+    if env_token is None:
+        monkeypatch.delenv(http.TOKEN_ENV, raising=False)
+    else:
+        monkeypatch.setenv(http.TOKEN_ENV, env_token)
+    args = Namespace(api_key=api_key, additional_config=None)
+    assert http.control_token(args) == want
+    app = FastAPI()
+    app.state.args = args
+    handler = _Records()
+    logging.getLogger("vllm.rl_compat").addHandler(handler)
+    try:
+        http.RLCompatEndpoints().attach_router(app)
+    finally:
+        logging.getLogger("vllm.rl_compat").removeHandler(handler)
+    paths = {getattr(r, "path", None) for r in app.routes}
+    assert ("/start_weight_update" in paths) == (want is not None)
+    assert any("NOT mounted" in m for m in handler.messages) == (want is None)
+    assert not any(want and want in m for m in handler.messages)  # never logged

@@ -41,7 +41,7 @@ def _server(model: str, log: Path, extra_env: dict[str, str]) -> tuple[subproces
     port = _free_port()
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model,
            "--port", str(port), "--dtype", "bfloat16", "--max-model-len", "512",
-           "--enforce-eager", "--max-logprobs", "-1"]
+           "--enforce-eager", "--max-logprobs", "-1", "--enable-scale-out"]
     env = {**os.environ, "VLLM_RL_COMPAT": "1", **extra_env}
     proc = subprocess.Popen(cmd, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT)
     _wait_ready(port, proc)
@@ -172,3 +172,78 @@ def test_dev_mode_collective_rpc_cannot_apply_weights(servers) -> None:
     assert call(port, "POST", "/start_weight_update", token=None)[0] == 401
     assert call(port, "GET", "/is_paused")[1] == {"is_paused": False}
     assert forced_logprobs(port) == before and version(port) == "0"
+
+
+def _stream(port: int, i: int, max_tokens: int, progress: list[int],
+            finals: list[Any]) -> None:
+    """One streaming token-in/token-out request; counts tokens as they arrive
+    (an error is kept in ``finals[i]`` for the test to report)."""
+    try:
+        _stream_once(port, i, max_tokens, progress, finals)
+    except Exception as exc:  # noqa: BLE001 - reported by the test
+        finals[i] = exc
+
+
+def _stream_once(port: int, i: int, max_tokens: int, progress: list[int],
+                 finals: list[Any]) -> None:
+    body = {"token_ids": PROMPTS[i % 2][:8] + [i + 1], "stream": True,
+            "sampling_params": {"max_tokens": max_tokens, "ignore_eos": True,
+                                "temperature": 1.0, "seed": i}}
+    req = urllib.request.Request(f"http://127.0.0.1:{port}/inference/v1/generate",
+                                 data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=600) as resp:
+        for raw in resp:
+            line = raw.decode().strip()
+            if not line.startswith("data:") or line == "data: [DONE]":
+                continue
+            choice = json.loads(line[5:])["choices"][0]
+            progress[i] += len(choice.get("token_ids") or [])
+            if choice.get("weight_versions") is not None:
+                finals[i] = choice["weight_versions"]
+
+
+def test_streams_across_an_update_report_the_split(servers) -> None:
+    """N streaming requests in, N out, each with its full token budget; the
+    final chunk's weight-version spans split where the update happened as
+    the client saw it (tokens received before the update started are old)."""
+    import threading
+    import time
+
+    port, n, max_tokens = servers["rl"], 4, 200
+    forced_logprobs(port)  # one step: the label is an integer from then on
+    old = int(version(port))
+    progress, finals = [0] * n, [None] * n
+    threads = [threading.Thread(target=_stream, args=(port, i, max_tokens, progress, finals))
+               for i in range(n)]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + 300
+    while min(progress) < 8:
+        errors = [f for f in finals if isinstance(f, Exception)]
+        assert not errors and time.monotonic() < deadline, (errors, progress)
+        time.sleep(0.01)
+    before = list(progress)
+    for path, body in (("/start_weight_update", None),
+                       ("/update_weights", {"update_info": {"source": "files",
+                                                            "path": servers["dir_b"]}}),
+                       ("/finish_weight_update", None)):
+        assert call(port, "POST", path, body)[0] == 200, path
+    after = list(progress)
+    for t in threads:
+        t.join(600)
+    splits = []
+    for i in range(n):
+        spans = [(int(s["version"]), s["start"], s["end"]) for s in finals[i]]
+        assert progress[i] == max_tokens and spans[0][1] == 0 and spans[-1][2] == max_tokens
+        assert all(a[2] == b[1] and a[0] < b[0] for a, b in zip(spans, spans[1:]))
+        assert spans[0][0] == old and spans[-1][0] in (old, old + 1)
+        split = spans[0][2]
+        assert before[i] <= split <= after[i] or spans[-1][0] == old and split == max_tokens
+        splits.append(split)
+    assert any(s < max_tokens for s in splits)  # some request spans both versions
+    assert version(port) == str(old + 1)
+    assert call(port, "POST", "/start_weight_update")[0] == 200  # back to A for the next test
+    assert call(port, "POST", "/update_weights",
+                {"update_info": {"source": "files", "path": servers["dir_a"]}})[0] == 200
+    assert call(port, "POST", "/finish_weight_update")[0] == 200

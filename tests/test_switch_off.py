@@ -4,8 +4,9 @@
 or patched, in every process. One child process with the switch off checks
 everything RL mode would have changed, at once: the engine settings, the
 logprob kind, the lm_head (stock class, bf16 logits equal to the stock
-projection, no patch), the worker extension (``WeightSync`` cannot attach)
-and the seeded-sampling patch. A second child with the plugin not loaded at
+projection, no patch), the worker extension (``WeightSync`` cannot attach),
+the seeded-sampling patch, and the front end (no vLLM call or plugin list
+wrapped, no weight-transfer backend set). A second child with the plugin not loaded at
 all (``VLLM_PLUGINS=""``) must give identical tokens, logprobs, settings and
 head state. The RL-mode side of each check lives with its feature's tests.
 """
@@ -25,7 +26,7 @@ T = 0.7
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, a fox"]
 SAMPLING = {"temperature": T, "max_tokens": 8, "logprobs": 0, "seed": 1234}
 STOCK = {"logprobs_mode": "raw_logprobs", "enable_prefix_caching": True,
-         "worker_extension_cls": ""}
+         "worker_extension_cls": "", "weight_transfer_backend": None}
 # Sampled (decode) vs scored (prefill) logprobs of the same bf16 engine differ by
 # bf16 rounding of the body's activations; processed logprobs at T = 0.7 are
 # much further away (checked relative to it, below).
@@ -68,3 +69,8 @@ def test_switch_off_head_untouched(runs) -> None:
 
 def test_switch_off_installs_no_extension(runs) -> None:
     assert "worker extension is not installed" in runs["switch_off"]["inspect"]["weight_sync_error"]
+
+
+def test_switch_off_wraps_nothing_in_the_front_end(runs) -> None:
+    """No RL calls routed, no HTTP routes added (the endpoint-plugin list is vLLM's)."""
+    assert runs["switch_off"]["inspect"]["patched_here"] == []
