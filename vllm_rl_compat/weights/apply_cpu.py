@@ -7,7 +7,7 @@ meta device, re-allocates every parameter (fresh, page-faulting memory),
 buffers each loader call behind an ``inspect``-bound wrapper, loads, re-runs
 ``process_weights_after_loading`` and copies the result back. The RPCs, the
 pause and the head refresh take under 4 ms together (numbers in
-``benchmarks/results/weight_sync_cpu.md``). The re-pack itself and reading
+``benchmarks/results/weight_sync_<cpu kind>.md``). The re-pack itself and reading
 the bytes once remain: on a 2-core machine the apply went from ~240 to ~170 ms.
 
 What it does instead, when the model qualifies (``fast_reload_blocker``
