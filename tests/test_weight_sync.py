@@ -327,19 +327,7 @@ def test_tp2_broadcast_and_files(untied, monkeypatch):
 
 
 # ------------------------------------------- vLLM's own RL API (issue 12)
-class StateSource:
-    """A ``WeightSource`` over a state dict (what a trainer hands vLLM's API)."""
-
-    def __init__(self, state: dict[str, torch.Tensor]) -> None:
-        self.state = state
-
-    def metadata(self):
-        from vllm.distributed.weight_transfer.base import ParamMeta
-
-        return [ParamMeta(n, t.dtype, tuple(t.shape)) for n, t in self.state.items()]
-
-    def __iter__(self):
-        return iter(list(self.state.items()))
+from http_trainer import StateSource  # noqa: E402  (a WeightSource over a state dict)
 
 
 @pytest.mark.engine

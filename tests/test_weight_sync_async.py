@@ -34,6 +34,16 @@ def _state(model_dir: str):
     return out
 
 
+async def _greedy(engine) -> list[int]:
+    """16 greedy tokens of a fixed prompt: which weights are loaded."""
+    from vllm import SamplingParams
+
+    params = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
+    async for out in engine.generate("weights check:", params, f"greedy-{time.monotonic()}"):
+        pass
+    return list(out.outputs[0].token_ids)
+
+
 async def _run(model_a: str, model_b: str) -> None:
     from vllm import SamplingParams
     from vllm.engine.arg_utils import AsyncEngineArgs
@@ -119,6 +129,28 @@ async def _run(model_a: str, model_b: str) -> None:
         got = await asyncio.gather(*(sync.update_from_tensors(states[i % 2]) for i in range(3)))
         assert sorted(got) == [14, 15, 16], got
         assert time.monotonic() - t0 < 120
+
+        # Cancelled updates are all or nothing: whenever the cancel lands, the
+        # engine is serving, unpaused, with either the old or the new weights.
+        ref = {}
+        for idx in (1, 0):
+            await sync.update_from_tensors(states[idx])
+            ref[idx] = await _greedy(engine)
+        assert ref[0] != ref[1]
+        loaded = 0
+        for delay in (0.0, 0.02, 0.08, 0.3):
+            before, idx = sync.version, 1 - loaded
+            task = asyncio.create_task(sync.update_from_tensors(states[idx]))
+            await asyncio.sleep(delay)
+            task.cancel()
+            try:
+                await task
+            except asyncio.CancelledError:
+                pass
+            assert sync.version in (before, before + 1) and not await engine.is_paused()
+            loaded = idx if sync.version == before + 1 else loaded
+            assert await _greedy(engine) == ref[loaded], (delay, sync.version)
+        assert await sync.update_from_tensors(states[0]) == sync.version  # still usable
     finally:
         engine.shutdown()
 

@@ -31,7 +31,11 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from vllm_rl_compat.weights.broadcast import DEFAULT_TIMEOUT
-from vllm_rl_compat.weights.native import transaction_of
+from vllm_rl_compat.weights.native import (
+    abort_weight_update,
+    abort_weight_update_async,
+    transaction_of,
+)
 from vllm_rl_compat.weights.registry import BACKENDS
 from vllm_rl_compat.weights.shm import remove_shm, write_shm
 from vllm_rl_compat.weights.spec import WeightSpec, as_named_tensors
@@ -137,9 +141,13 @@ class WeightSync(_Common):
 
     def _update(self, update_info: dict[str, Any]) -> int:
         with self._lock:
-            self.llm.start_weight_update()
-            self.llm.update_weights({"update_info": update_info})
-            self.llm.finish_weight_update()
+            try:
+                self.llm.start_weight_update()
+                self.llm.update_weights({"update_info": update_info})
+                self.llm.finish_weight_update()
+            except BaseException:  # e.g. KeyboardInterrupt between two calls
+                abort_weight_update(self.llm)
+                raise
             return self.version
 
 
@@ -168,7 +176,13 @@ class AsyncWeightSync(_Common):
 
     async def update_from_tensors(self, weights: Mapping[str, Any]
                                   | Iterable[tuple[str, Any]]) -> int:
-        path = await asyncio.to_thread(self._tensors_file, weights)
+        writing = asyncio.ensure_future(asyncio.to_thread(self._tensors_file, weights))
+        try:
+            path = await asyncio.shield(writing)
+        except asyncio.CancelledError:  # the file is still being written: remove it after
+            writing.add_done_callback(
+                lambda f: f.cancelled() or f.exception() or remove_shm(f.result()))
+            raise
         try:
             return await self._update({"source": "files", "path": path})
         finally:
@@ -196,7 +210,11 @@ class AsyncWeightSync(_Common):
         from vllm.distributed.weight_transfer.base import WeightTransferUpdateRequest
 
         async with self._lock:
-            await self.engine.start_weight_update()
-            await self.engine.update_weights(WeightTransferUpdateRequest(update_info))
-            await self.engine.finish_weight_update()
+            try:
+                await self.engine.start_weight_update()
+                await self.engine.update_weights(WeightTransferUpdateRequest(update_info))
+                await self.engine.finish_weight_update()
+            except BaseException:  # e.g. the task was cancelled between two calls
+                await abort_weight_update_async(self.engine)
+                raise
             return self.version

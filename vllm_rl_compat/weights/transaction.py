@@ -27,6 +27,7 @@ or an ``AsyncLLM``. Each worker-side step carries a proof (``weights.proof``).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 import time
@@ -194,18 +195,36 @@ def run(steps: Steps, port: Any) -> Any:
 
 
 async def run_async(steps: Steps, port: Any) -> Any:
-    """Execute ``steps`` on an asynchronous port (``AsyncLLMPort``)."""
+    """Execute ``steps`` on an asynchronous port (``AsyncLLMPort``).
+
+    A call is atomic with respect to task cancellation: an operation already
+    sent to the engine (e.g. the apply) is awaited to its end and its real
+    outcome fed to the steps, and ``CancelledError`` is raised once the steps
+    are done, so a cancel never leaves staging, a half-closed transaction or
+    applied weights with an old version label behind.
+    """
     result: Any = None
     error: BaseException | None = None
+    cancelled = False
     while True:
         try:
             op = steps.throw(error) if error is not None else steps.send(result)
         except StopIteration as stop:
+            if cancelled:
+                raise asyncio.CancelledError()
             return stop.value
-        try:
-            result, error = await getattr(port, op[0])(*op[1:]), None
-        except BaseException as exc:  # noqa: BLE001 - thrown back into the steps
-            result, error = None, exc
+        future = asyncio.ensure_future(getattr(port, op[0])(*op[1:]))
+        while True:
+            try:
+                result, error = await asyncio.shield(future), None
+                break
+            except asyncio.CancelledError:
+                if future.cancelled():
+                    raise
+                cancelled = True  # finish this operation first
+            except BaseException as exc:  # noqa: BLE001 - thrown back into the steps
+                result, error = None, exc
+                break
 
 
 class LLMPort:
