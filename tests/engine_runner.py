@@ -94,9 +94,17 @@ def patched_front_end() -> list[str]:
               "vllm.plugins": (vllm.plugins, ["load_endpoint_plugins"]),
               "LLM": (LLM, ["start_weight_update", "update_weights", "finish_weight_update"]),
               "AsyncLLM": (AsyncLLM, ["start_weight_update", "update_weights",
-                                      "finish_weight_update"])}
+                                      "finish_weight_update"]),
+              "OpenAIServingCompletion": (_serving_completion(), [
+                  "request_output_to_completion_response", "completion_stream_generator"])}
     return [f"{title}.{name}" for title, (owner, names) in owners.items() for name in names
             if hasattr(getattr(owner, name), "__rl_compat_original__")]
+
+
+def _serving_completion() -> type:
+    from vllm.entrypoints.openai.completion.serving import OpenAIServingCompletion
+
+    return OpenAIServingCompletion
 
 
 async def run_async(request: dict) -> dict:

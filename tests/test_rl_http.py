@@ -247,3 +247,45 @@ def test_streams_across_an_update_report_the_split(servers) -> None:
     assert call(port, "POST", "/update_weights",
                 {"update_info": {"source": "files", "path": servers["dir_a"]}})[0] == 200
     assert call(port, "POST", "/finish_weight_update")[0] == 200
+
+
+def _completion_stream_choices(port: int, body: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every choice of a streaming ``/v1/completions`` request, chunk by chunk."""
+    req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions",
+                                 data=json.dumps({**body, "stream": True}).encode(),
+                                 headers={"Content-Type": "application/json"})
+    choices = []
+    with urllib.request.urlopen(req, timeout=300) as resp:
+        for raw in resp:
+            line = raw.decode().strip()
+            if not line.startswith("data:") or line == "data: [DONE]":
+                continue
+            choices.extend(json.loads(line[5:])["choices"])
+    return choices
+
+
+def _assert_spans_cover(spans: Any, num_tokens: int, label: str) -> None:
+    assert isinstance(spans, list) and spans, spans
+    assert spans[0]["start"] == 0 and spans[-1]["end"] == num_tokens, spans
+    assert all(a["end"] == b["start"] for a, b in zip(spans, spans[1:])), spans
+    assert all(s["version"] == label for s in spans), (spans, label)
+
+
+def test_completions_carry_weight_versions(servers) -> None:
+    """RL mode puts each choice's weight-version spans on ``/v1/completions``
+    (``weights.openai_versions``): on every choice without streaming, on the
+    choice's final chunk when streaming; they cover all output tokens, with
+    the server's current label."""
+    port = servers["rl"]
+    body = {"prompt": PROMPTS[0], "max_tokens": 5, "ignore_eos": True}
+    status, resp = call(port, "POST", "/v1/completions", body, token=None)
+    assert status == 200, resp
+    choices = _completion_stream_choices(port, {**body, "return_token_ids": True})
+    label = version(port)  # after generating: no integer label before the first step
+    _assert_spans_cover(resp["choices"][0]["weight_versions"], 5, label)
+    finals = [c for c in choices if c.get("finish_reason") is not None]
+    assert len(finals) == 1 and finals[0] is choices[-1], choices
+    assert all("weight_versions" not in c for c in choices[:-1]), choices
+    streamed = sum(len(c.get("token_ids") or []) for c in choices)
+    assert streamed == 5, choices
+    _assert_spans_cover(finals[0]["weight_versions"], streamed, label)

@@ -25,7 +25,15 @@ def register() -> None:
 @functools.lru_cache(maxsize=None)
 def _register_once() -> None:
     from vllm_rl_compat import engine_settings, fp32_head, seeded_sampling
-    from vllm_rl_compat.weights import http, native, proof, registry, settings, versions
+    from vllm_rl_compat.weights import (
+        http,
+        native,
+        openai_versions,
+        proof,
+        registry,
+        settings,
+        versions,
+    )
 
     proof.ensure_secret()  # before this process spawns the engine core / workers
     engine_settings.install([fp32_head.head_dtype_hook, settings.weight_transfer_hook])
@@ -35,3 +43,4 @@ def _register_once() -> None:
     versions.install_version_label()
     native.install()
     http.install()
+    openai_versions.install()
