@@ -277,7 +277,7 @@ def head_calls(out_dir: Path) -> Path:
     out = out_dir / f"fp32_head_calls_{machine.cpu_kind()}.md"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)
-    out.with_suffix(".json").write_text(json.dumps(res, indent=1))
+    machine.write_json(out.with_suffix(".json"), res, load_before)
     print(text)
     return out
 
@@ -394,7 +394,7 @@ def decode(args: argparse.Namespace) -> Path:
     out = args.results_dir / f"fp32_head_decode_{machine.cpu_kind()}.md"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)
-    out.with_suffix(".json").write_text(json.dumps(res, indent=1))
+    machine.write_json(out.with_suffix(".json"), res, load_before)
     print(text)
     return out
 
@@ -518,10 +518,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(text)
-        args.out.with_suffix(".json").write_text(json.dumps(
-            {"throughput": {k: {x: v[x] for x in ("tok_per_s", "times_s", "tokens")}
-                            for k, v in results.items()},
-             "parity": metrics, "memory": memory}, indent=1))
+        machine.write_json(args.out.with_suffix(".json"), {
+            "throughput": {k: {x: v[x] for x in ("tok_per_s", "times_s", "tokens")}
+                           for k, v in results.items()},
+            "parity": metrics, "memory": memory}, load_before)
     return 0
 
 

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import datetime as _dt
 import os
 import platform
 import statistics
@@ -45,6 +44,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import machine  # noqa: E402  (benchmarks/machine.py: the results-file header)
 
 from vllm_rl_compat.ops import fp32_linear, fp32_linear_cpu  # noqa: E402
 from vllm_rl_compat.ops.fp32_linear_torch import DEFAULT_CHUNK_ROWS  # noqa: E402
@@ -278,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
     import triton
     xd, wd = DTYPES[args.act_dtype], DTYPES[args.weight_dtype]
     rows: list[Row] = []
-    t_start, load_start = time.perf_counter(), os.getloadavg()[0]
+    t_start, load_before = time.perf_counter(), machine.load()
     for H, V, tokens in _plan(args, on_cuda):
         g = torch.Generator(device="cpu").manual_seed(H + V)
         w = (torch.randn(V, H, generator=g) * H**-0.5).to(device=device, dtype=wd)
@@ -291,17 +292,14 @@ def main(argv: list[str] | None = None) -> int:
                       f"extra {_fmt(r.extra_mib, 1):>8} MiB  err {r.max_rel_err:.1e}", flush=True)
         del w
     header = {
+        **machine.header_fields(load_before),
         "device": _device_name(device), "device type": device.type,
         "torch": torch.__version__, "triton": triton.__version__,
         "dtypes": f"activations {args.act_dtype}, weight {args.weight_dtype}",
-        "date": _dt.datetime.now().strftime("%Y-%m-%d %H:%M"),
-        "command": "python benchmarks/bench_fp32_linear.py " + " ".join(argv or sys.argv[1:]),
         "wall time": f"{time.perf_counter() - t_start:.0f} s",
-        "load average at start / end": f"{load_start:.1f} / {os.getloadavg()[0]:.1f} "
-                                       "(CPU timings are noisy when the machine is shared)",
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.name or f"fp32_linear_{device.type}"
+    stem = args.name or f"fp32_linear_{device.type if on_cuda else machine.cpu_kind()}"
     with open(args.out / f"{stem}.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(asdict(rows[0])))
         writer.writeheader()

@@ -8,6 +8,7 @@ behave very differently here) and whether the machine was busy.
 from __future__ import annotations
 
 import datetime as _dt
+import json
 import os
 import re
 import shlex
@@ -55,17 +56,27 @@ def load() -> str:
     return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
-def header(title: str, load_before: str) -> str:
-    """Markdown header; call ``load()`` before the measurements for ``load_before``."""
+def header_fields(load_before: str) -> dict[str, str]:
+    """What every results file records; call ``load()`` before measuring for ``load_before``."""
     flags = cpu_flags()
     isa = ", ".join(f"{name} {'yes' if flag in flags else 'no'}" for name, flag in
                     (("AMX", "amx_bf16"), ("AVX512-BF16", "avx512_bf16"), ("AVX2", "avx2")))
     command = "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(sys.argv[0], ROOT),
                                                            *sys.argv[1:]])
-    return "\n".join([
-        f"# {title}", "",
-        f"- date: {_dt.datetime.now(_dt.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}",
-        f"- commit: {commit()}",
-        f"- CPU: {cpu_model()} ({cpu_kind()}: {isa}), {os.cpu_count()} cores",
-        f"- load average (1/5/15 min): before {load_before}, after {load()}",
-        f"- command: `{command}`", ""])
+    return {"date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "commit": commit(),
+            "CPU": f"{cpu_model()} ({cpu_kind()}: {isa}), {os.cpu_count()} cores",
+            "load average (1/5/15 min)": f"before {load_before}, after {load()}",
+            "command": f"`{command}`"}
+
+
+def header(title: str, load_before: str) -> str:
+    """Markdown header of a results file (see ``header_fields``)."""
+    lines = [f"- {key}: {value}" for key, value in header_fields(load_before).items()]
+    return "\n".join([f"# {title}", "", *lines, ""])
+
+
+def write_json(path: Path, results: object, load_before: str) -> None:
+    """A results file's raw data, under the same header as its markdown twin."""
+    path.write_text(json.dumps({"header": header_fields(load_before), "results": results},
+                               indent=1))
