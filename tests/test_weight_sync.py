@@ -94,12 +94,19 @@ SECRET = "test-secret-" + os.urandom(8).hex()
 
 def start_trainer(model_dir: str, port: int, receivers: int, mode: str = "ok",
                   timeout: float = 30.0, chunk: int = 1 << 20) -> subprocess.Popen:
-    """The trainer script; it reads the group's secret from its environment."""
-    return subprocess.Popen(
+    """The trainer script; it reads the group's secret from its environment.
+    Returns once the trainer has started up and is about to join, so the
+    group's ``timeout`` (3 s in the stall case) is not spent on its imports."""
+    proc = subprocess.Popen(
         [sys.executable, str(TESTS / "weight_sync_trainer.py"), "127.0.0.1", str(port),
          str(receivers), model_dir, mode, str(timeout), str(chunk)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         env={**os.environ, "TEST_TRAINER_SECRET": SECRET})
+    line = proc.stdout.readline()  # the script prints READY first, or dies
+    if line.strip() != "TRAINER-READY":
+        proc.kill()
+        raise RuntimeError(f"trainer did not start: {line!r} {proc.stderr.read()[-2000:]}")
+    return proc
 
 
 def assert_serves(llm) -> None:

@@ -2,7 +2,7 @@
 
 Usage: ``python weight_sync_trainer.py HOST PORT NUM_RECEIVERS MODEL_DIR MODE
 TIMEOUT CHUNK_BYTES`` with the group's secret in ``TEST_TRAINER_SECRET``. Joins the group, sends the model folder's state dict
-once, and exits. ``MODE``: ``ok``; ``die:K`` (the process exits hard after K
+once, and exits; prints ``TRAINER-READY`` just before it joins. ``MODE``: ``ok``; ``die:K`` (the process exits hard after K
 data chunks, i.e. mid-transfer); ``stall:K`` (sleeps after K data chunks, so
 the receivers time out); ``badname`` (sends an extra tensor).
 """
@@ -27,6 +27,9 @@ def main() -> None:
         state.update(load_file(str(f)))
     if mode == "badname":
         state["model.layers.0.mlp.bogus.weight"] = torch.zeros(4, dtype=torch.bfloat16)
+    # Start-up (imports, reading the model) is done: the test may start the
+    # join now, so a short group timeout measures the transfer, not Python.
+    print("TRAINER-READY", flush=True)
     bc = TrainerBroadcaster(host, int(port), int(receivers), timeout=float(timeout),
                             chunk_bytes=int(chunk), secret=os.environ["TEST_TRAINER_SECRET"])
     if mode.startswith(("die:", "stall:")):
