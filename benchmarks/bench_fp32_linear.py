@@ -4,17 +4,25 @@ Providers (activations in the model dtype, bf16 unless ``--act-dtype``):
 
 * ``torch_bf16``     F.linear in the model dtype (bf16 logits; the speed floor, not exact)
 * ``torch_upcast``   F.linear(x.float(), W.float()) -- vLLM's CPU fallback (full fp32 copy of W)
-* ``torch_mm_fp32``  torch.mm(x, W.t(), out_dtype=float32) -- vLLM's CUDA path
-                     (not implemented on CPU: reported as skipped)
 * ``ours_brgemm``    fp32_linear(impl="brgemm"): CPU, bf16 x bf16, oneDNN brgemm with fp32
                      accumulation (skipped on CUDA, for other dtypes, odd H, or
                      where oneDNN has no bf16 brgemm: it needs AMX)
 * ``ours_blocked``   fp32_linear(impl="blocked"): CPU, bf16 x bf16, any CPU: fused
                      matrix-vector loop up to 8 rows, cache-blocked sgemm above
                      (skipped on CUDA, for other dtypes, or without a compiler)
-* ``ours_torch``     fp32_linear(impl="torch"): chunked upcast (+ exact oneDNN bf16 path on CPU)
+* ``ours_torch``     fp32_linear(impl="torch"): chunked upcast (+ exact oneDNN bf16 path on CPU);
+                     on CUDA the same cuBLAS call as ``torch_mm_fp32`` for same-dtype operands
+* ``torch_mm_fp32``  cuBLAS: torch.mm(x, W.t(), out_dtype=float32) for bf16/fp16 (vLLM's CUDA
+                     path for head_dtype=float32), an IEEE-pinned fp32 torch.mm for fp32 x fp32:
+                     what ``fp32_linear(impl="auto")`` runs on CUDA for same-dtype operands.
+                     Not applicable ("n/a") off CUDA or for mixed dtypes (cuBLAS has no
+                     exact mixed-dtype GEMM; there ``auto`` uses the kernel)
 * ``ours_triton``    fp32_linear(impl="triton"); on a machine without CUDA only a tiny
                      interpreter smoke run (T <= 16, first 128 vocab rows), not a timing
+
+The two last columns sit side by side so that one GPU run decides whether the
+Triton kernel should also be ``auto``'s choice for bf16 x bf16: the CUDA
+results file has a "Triton kernel vs cuBLAS" table (time ratio per shape/T).
 
 On CUDA, times come from ``triton.testing.do_bench`` and memory from the
 ``torch.cuda.max_memory_allocated`` delta minus the fp32 output.  On CPU, times
@@ -48,10 +56,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import machine  # noqa: E402  (benchmarks/machine.py: the results-file header)
 
 from vllm_rl_compat.ops import fp32_linear, fp32_linear_cpu  # noqa: E402
-from vllm_rl_compat.ops.fp32_linear_torch import DEFAULT_CHUNK_ROWS  # noqa: E402
+from vllm_rl_compat.ops.fp32_linear_torch import (  # noqa: E402
+    DEFAULT_CHUNK_ROWS,
+    ieee_fp32_matmul,
+)
 
-PROVIDERS = ("torch_bf16", "torch_upcast", "torch_mm_fp32", "ours_brgemm", "ours_blocked",
-             "ours_torch", "ours_triton")
+PROVIDERS = ("torch_bf16", "torch_upcast", "ours_brgemm", "ours_blocked", "ours_torch",
+             "torch_mm_fp32", "ours_triton")
 CPU_ROUTES = {"ours_brgemm": "brgemm", "ours_blocked": "blocked"}
 DEFAULT_SHAPES = ((576, 49152), (3584, 152064), (4096, 128256))
 DEFAULT_TOKENS = (1, 8, 64, 512, 4096)
@@ -68,7 +79,7 @@ class Row:
     V: int
     T: int
     provider: str
-    status: str  # ok | skipped | interpreter-smoke
+    status: str  # ok | skipped | n/a (provider does not exist here) | interpreter-smoke
     time_ms: float = float("nan")
     extra_mib: float = float("nan")
     mem_method: str = ""
@@ -148,11 +159,19 @@ def _max_rel_err(out: torch.Tensor, x: torch.Tensor, w: torch.Tensor, rows: int)
     return ((out[:, :rows].double() - ref).abs() / mag).max().item()
 
 
+def _cublas_fp32(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """The exact cuBLAS call for same-dtype operands (what ``auto`` runs on CUDA)."""
+    if x.dtype == torch.float32:
+        with ieee_fp32_matmul(x.device):
+            return torch.mm(x, w.t())
+    return torch.mm(x, w.t(), out_dtype=torch.float32)
+
+
 def _provider_fn(name: str, x: torch.Tensor, w: torch.Tensor) -> Callable[[], torch.Tensor]:
     fns: dict[str, Callable[[], torch.Tensor]] = {
         "torch_bf16": lambda: F.linear(x, w.to(x.dtype)),
         "torch_upcast": lambda: F.linear(x.float(), w.float()),
-        "torch_mm_fp32": lambda: torch.mm(x, w.t(), out_dtype=torch.float32),
+        "torch_mm_fp32": lambda: _cublas_fp32(x, w),
         "ours_brgemm": lambda: fp32_linear(x, w, impl="brgemm"),
         "ours_blocked": lambda: fp32_linear(x, w, impl="blocked"),
         "ours_torch": lambda: fp32_linear(x, w, impl="torch"),
@@ -164,8 +183,9 @@ def _provider_fn(name: str, x: torch.Tensor, w: torch.Tensor) -> Callable[[], to
 def _run_provider(name: str, x: torch.Tensor, w: torch.Tensor, args: argparse.Namespace) -> Row:
     T, H, V = x.shape[0], x.shape[1], w.shape[0]
     on_cuda = x.is_cuda
-    if name == "torch_mm_fp32" and (not on_cuda or x.dtype != w.dtype or x.dtype == torch.float32):
-        return Row(H, V, T, name, "skipped", note="torch.mm(out_dtype=fp32) not implemented here "
+    if name == "torch_mm_fp32" and (not on_cuda or x.dtype != w.dtype):
+        why = "CUDA only" if not on_cuda else "no exact mixed-dtype cuBLAS GEMM"
+        return Row(H, V, T, name, "n/a", note=f"cuBLAS torch.mm(out_dtype=fp32): {why} "
                    f"({x.device.type}, {x.dtype}x{w.dtype})")
     route = CPU_ROUTES.get(name)
     if route and not (fp32_linear_cpu.eligible(x, w, route) and fp32_linear_cpu.available(route)):
@@ -240,15 +260,34 @@ def _pivot(rows: list[Row], key: Callable[[Row], str]) -> list[str]:
     return lines
 
 
+def _triton_vs_cublas(rows: list[Row]) -> list[str]:
+    """Time of the Triton kernel over cuBLAS per shape/T, where both were timed (CUDA).
+
+    ``auto`` takes cuBLAS for same-dtype operands; ratios below 1 across the
+    token counts that matter are the case for making the kernel the default.
+    """
+    times = {(r.H, r.V, r.T, r.provider): r.time_ms for r in rows if r.status == "ok"}
+    lines = [f"| {H} x {V} | {T} | {times[(H, V, T, 'ours_triton')] / ms:.2f} |"
+             for (H, V, T, p), ms in times.items()
+             if p == "torch_mm_fp32" and (H, V, T, "ours_triton") in times]
+    if not lines:
+        return []
+    return ["", "## Triton kernel vs cuBLAS (time ours_triton / torch_mm_fp32; < 1: kernel faster)",
+            "", "| H x V | T | ratio |", "|---|---:|---:|"] + lines
+
+
 def _markdown(rows: list[Row], header: dict[str, str]) -> str:
     def time_cell(r: Row) -> str:
-        return {"ok": _fmt(r.time_ms), "skipped": "skipped"}.get(r.status, "interp\u2020")
+        return {"ok": _fmt(r.time_ms), "skipped": "skipped", "n/a": "n/a"}.get(r.status,
+                                                                              "interp\u2020")
 
     def mem_cell(r: Row) -> str:
-        return _fmt(r.extra_mib, 1) if r.status == "ok" else ("0 (kernel)" if r.status != "skipped" else "")
+        if r.status in ("skipped", "n/a"):
+            return ""
+        return _fmt(r.extra_mib, 1) if r.status == "ok" else "0 (kernel)"
 
     def err_cell(r: Row) -> str:
-        return f"{r.max_rel_err:.1e}" if r.status != "skipped" else ""
+        return f"{r.max_rel_err:.1e}" if r.status not in ("skipped", "n/a") else ""
 
     out = ["# fp32_linear benchmark", ""]
     out += [f"- {k}: {v}" for k, v in header.items()]
@@ -258,7 +297,9 @@ def _markdown(rows: list[Row], header: dict[str, str]) -> str:
                else "analytic size of temporaries") + ")", ""] + _pivot(rows, mem_cell)
     out += ["", "## Max error / (|x| @ |w|.T), first rows of the vocabulary (fp32 eps = 6.0e-08)",
             ""] + _pivot(rows, err_cell)
-    notes = sorted({f"- {r.provider}: {r.note}" for r in rows if r.note and r.status == "skipped"})
+    out += _triton_vs_cublas(rows)
+    notes = sorted({f"- {r.provider}: {r.note}" for r in rows
+                    if r.note and r.status in ("skipped", "n/a")})
     smoke = [r for r in rows if r.status == "interpreter-smoke"]
     if smoke:
         notes.append(f"- \u2020 ours_triton: no CUDA device, so only an interpreter smoke run "

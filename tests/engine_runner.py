@@ -83,22 +83,18 @@ def inspect(llm, outputs: list[dict], temperature: float) -> dict:
 
 
 def patched_front_end() -> list[str]:
-    """vLLM attributes RL mode wraps in the front-end process that are wrapped here
-    (``vllm_rl_compat.patching`` marks every wrapper)."""
-    import vllm.plugins
-    from vllm.engine.arg_utils import EngineArgs
-    from vllm.entrypoints.llm import LLM
-    from vllm.v1.engine.async_llm import AsyncLLM
+    """vLLM attributes listed as wrapped in ``contract.ENTRIES`` that are wrapped
+    here (``vllm_rl_compat.patching`` marks every wrapper), after importing the
+    front-end modules RL mode wraps."""
+    import vllm.entrypoints.llm  # noqa: F401
+    import vllm.plugins  # noqa: F401
+    import vllm.v1.engine.async_llm  # noqa: F401
+    from vllm.engine.arg_utils import EngineArgs  # noqa: F401
 
-    owners = {"EngineArgs": (EngineArgs, ["create_engine_config"]),
-              "vllm.plugins": (vllm.plugins, ["load_endpoint_plugins"]),
-              "LLM": (LLM, ["start_weight_update", "update_weights", "finish_weight_update"]),
-              "AsyncLLM": (AsyncLLM, ["start_weight_update", "update_weights",
-                                      "finish_weight_update"]),
-              "OpenAIServingCompletion": (_serving_completion(), [
-                  "request_output_to_completion_response", "completion_stream_generator"])}
-    return [f"{title}.{name}" for title, (owner, names) in owners.items() for name in names
-            if hasattr(getattr(owner, name), "__rl_compat_original__")]
+    from vllm_rl_compat.contract import wrapped_now
+
+    _serving_completion()
+    return wrapped_now()
 
 
 def _serving_completion() -> type:

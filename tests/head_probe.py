@@ -47,7 +47,8 @@ def stock_check(self: Any) -> dict[str, Any]:
     """Worker: is the head stock vLLM? Class, logits dtypes, logits equal to the
     stock projection of the recorded hidden states, and no RL-mode patch in place."""
     from vllm.model_executor.custom_op import op_registry_oot
-    from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead
+
+    from vllm_rl_compat.contract import wrapped_now
 
     lp = self.model_runner.get_model().logits_processor
     head, _ = lp.__dict__["_probe_head"]
@@ -56,6 +57,4 @@ def stock_check(self: Any) -> dict[str, Any]:
                for h, o in recs)
     return {"cls": type(lp).__name__, "dtypes": sorted({str(o.dtype) for _, o in recs}),
             "stock_equal": same,
-            "patched": "LogitsProcessor" in op_registry_oot
-            or getattr(ParallelLMHead, "_rl_compat_fp32_head", False)
-            or getattr(type(self.model_runner), "_rl_compat_seeded_sampling", False)}
+            "patched": "LogitsProcessor" in op_registry_oot or wrapped_now()}

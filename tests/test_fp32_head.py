@@ -331,7 +331,8 @@ def test_dispatch_and_head_dtype_rules() -> None:
 
     from vllm_rl_compat.config import RLCompatConfig
 
-    assert fp32_head.select_impl("cuda", "auto") == "triton"
+    assert fp32_head.select_impl("cuda", "auto") == "auto"  # per call: cuBLAS or Triton
+    assert fp32_head.select_impl("cuda", "triton") == "triton"
     assert fp32_head.select_impl("cuda", "torch") == "torch"
     assert fp32_head.select_impl("cpu", "auto") == "auto"  # per call: brgemm, blocked or torch
     assert fp32_head.select_impl("cpu", "torch") == "torch"

@@ -31,7 +31,7 @@ from kernel_support import blocked_expected, brgemm_expected, expected_cpu_route
 from vllm_rl_compat.ops import fp32_linear
 from vllm_rl_compat.ops import fp32_linear_cpu as cpu_mod
 from vllm_rl_compat.ops import fp32_linear_torch as torch_mod
-from vllm_rl_compat.ops.fp32_linear import resolve_impl
+from vllm_rl_compat.ops.fp32_linear import cuda_auto_route, resolve_impl
 from vllm_rl_compat.ops import fp32_linear_triton as triton_mod
 
 
@@ -286,6 +286,90 @@ def test_mkldnn_precision_context_restores_on_error():
     assert torch.backends.mkldnn.matmul.fp32_precision == before
 
 
+@pytest.fixture()
+def process_precision():
+    """Set ``torch.set_float32_matmul_precision`` for one test, then restore every
+    flag it touches (legacy value and the per-backend ``fp32_precision``)."""
+    saved = (torch.get_float32_matmul_precision(), torch.backends.mkldnn.matmul.fp32_precision,
+             torch.backends.cuda.matmul.fp32_precision)
+    yield torch.set_float32_matmul_precision
+    torch.set_float32_matmul_precision(saved[0])
+    torch.backends.mkldnn.matmul.fp32_precision = saved[1]
+    torch.backends.cuda.matmul.fp32_precision = saved[2]
+
+
+# What vLLM hands the head: model-dtype activations with a bf16 or fp32 weight,
+# and an fp32 model; T below and above the bf16 fast path's threshold.
+PIN_CASES = [(BF16, BF16, 3), (BF16, BF16, 17), (BF16, FP32, 3), (BF16, FP32, 17),
+             (FP32, FP32, 3), (FP32, FP32, 17)]
+
+
+def _pin_outputs():
+    outs = {}
+    for xd, wd, T in PIN_CASES:
+        x, w, b = _make(T, 257, 1000, xd, wd, bias=True, seed=T)
+        for impl in ("torch", "auto"):
+            outs[(xd, wd, T, impl)] = fp32_linear(x, w, b, impl=impl)
+    return outs
+
+
+@pytest.mark.parametrize("mode", ["medium", "high"])
+def test_fp32_matmuls_run_ieee_whatever_the_process_sets(monkeypatch, process_precision, mode):
+    """Every fp32 torch.mm of the head sees oneDNN at "ieee" (the bf16 fast
+    path, exact by construction, sees "bf16"); the process's setting is back
+    afterwards.  Runs everywhere, unlike the numerical test below, which needs
+    a CPU whose oneDNN honours reduced precision."""
+    process_precision(mode)
+    reduced = torch.backends.mkldnn.matmul.fp32_precision
+    assert reduced != "ieee"
+    seen: list[tuple[torch.dtype, str]] = []
+    mm = torch.mm
+
+    def spy(a, b, *args, **kwargs):
+        seen.append((a.dtype, torch.backends.mkldnn.matmul.fp32_precision))
+        return mm(a, b, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "mm", spy)
+    for xd, wd, T in PIN_CASES:
+        x, w, b = _make(T, 257, 1000, xd, wd, bias=True, seed=T)
+        for impl in ("torch", "auto"):
+            seen.clear()
+            fp32_linear(x, w, b, impl=impl)
+            fast = impl == "torch" and torch_mod._use_bf16_fast_path(x, w, True)
+            assert {p for _, p in seen} <= {"bf16" if fast else "ieee"}, (xd, wd, T, impl, seen)
+            assert seen or resolve_impl(impl, x, w) in CPU_ROUTES, (xd, wd, T, impl)
+            assert torch.backends.mkldnn.matmul.fp32_precision == reduced
+
+
+def _reduced_precision_changes_plain_mm(mode: str) -> bool:
+    """Probe: does a plain fp32 torch.mm on this CPU change under ``mode``?"""
+    g = torch.Generator().manual_seed(11)
+    a, b = torch.randn(17, 257, generator=g), torch.randn(257, 300, generator=g)
+    before = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("highest")
+        exact = torch.mm(a, b)
+        torch.set_float32_matmul_precision(mode)
+        return not torch.equal(torch.mm(a, b), exact)
+    finally:
+        torch.set_float32_matmul_precision(before)
+
+
+@pytest.mark.parametrize("mode", ["medium", "high"])
+def test_reduced_process_precision_leaves_logits_bit_identical(process_precision, mode):
+    """With ``torch.set_float32_matmul_precision(mode)`` -- what vLLM does for
+    ``VLLM_FLOAT32_MATMUL_PRECISION`` -- the logits are bit-identical to those
+    under "highest", for bf16 and fp32 weights and fp32 x fp32."""
+    if not _reduced_precision_changes_plain_mm(mode):
+        pytest.skip(f"this CPU's oneDNN computes fp32 matmuls exactly under {mode!r} "
+                    f"(a plain torch.mm is unchanged), so a missing pin could not show here")
+    process_precision("highest")
+    exact = _pin_outputs()
+    process_precision(mode)
+    for key, out in _pin_outputs().items():
+        assert torch.equal(out, exact[key]), key
+
+
 @pytest.mark.parametrize("impl", IMPLS + CPU_ROUTES)
 def test_empty_dims(impl):
     if impl in CPU_ROUTES:
@@ -331,6 +415,21 @@ def test_bad_impl_and_triton_without_interpreter(monkeypatch):
         fp32_linear(x, w, impl="triton")
 
 
+# (activation, weight) -> what ``auto`` runs on CUDA: cuBLAS ("torch") where it
+# has an exact fp32 route (identical dtypes), the kernel for every mixed pair.
+CUDA_AUTO_TABLE = [
+    (BF16, BF16, "torch"), (FP16, FP16, "torch"), (FP32, FP32, "torch"),
+    (BF16, FP32, "triton"), (FP16, FP32, "triton"), (FP32, BF16, "triton"),
+    (FP32, FP16, "triton"), (BF16, FP16, "triton"), (FP16, BF16, "triton"),
+]
+
+
+@pytest.mark.parametrize("xd,wd,route", CUDA_AUTO_TABLE,
+                         ids=[f"{str(a)[6:]}-{str(b)[6:]}" for a, b, _ in CUDA_AUTO_TABLE])
+def test_cuda_auto_route(xd, wd, route):
+    assert cuda_auto_route(xd, wd) == route
+
+
 def test_auto_dispatch_and_autotune_is_off_when_interpreting(monkeypatch):
     x, w = torch.randn(3, 64).to(BF16), torch.randn(10, 64).to(BF16)
     assert resolve_impl("auto", x, w) == expected_cpu_route()
@@ -348,57 +447,119 @@ def test_decode_config_uses_small_token_tile():
     assert triton_mod.default_config(4096, FP32).block_t <= 64
 
 
-_COMPILE_SCRIPT = textwrap.dedent("""
-    import json, re, torch, triton
+def test_launch_variants_cover_every_default_config():
+    """``launch_variants`` (what ``precompile`` compiles) holds every
+    configuration ``default_config`` returns, for any token count."""
+    variants = triton_mod.launch_variants()
+    for xd, wd in triton_mod.ENGINE_DTYPE_PAIRS:
+        listed = {v.config for v in variants if (v.x_dtype, v.w_dtype) == (xd, wd)}
+        assert len(listed) == len(triton_mod.TOKEN_TILES)
+        for T in [*range(1, 200), 511, 512, 4096, 10**6]:
+            assert triton_mod.default_config(T, wd) in listed, (xd, wd, T)
+    # the 17-32-row tile for fp32 weights (closest to sm_86's limit) is listed
+    assert any(v.config.block_t == 32 and v.w_dtype == FP32 for v in variants)
+
+
+def _binder(kernel):
+    """Triton's own argument specialiser for a CUDA target (no GPU needed)."""
     from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-    from triton.runtime.jit import JITFunction
+    from triton.compiler import make_backend
+    from triton.runtime.jit import create_function_from_signature
+
+    backend = make_backend(GPUTarget("cuda", 80, 32))
+    return create_function_from_signature(kernel.signature, kernel.params, backend)
+
+
+def _launch_key(binder, x, w, b, config=None):
+    """The compiled-kernel cache key (specialisation + options) of a launch."""
+    out = torch.empty(x.shape[0], w.shape[0])
+    variant, args, kwargs = triton_mod.launch_call(x, w, b, out, config)
+    _, spec, options = binder(*args, **kwargs)
+    return variant, (tuple(spec), str(options))
+
+
+def test_token_count_is_not_specialised_and_warmup_matches_launches():
+    """Every T in a token tile maps to one compiled kernel, and it is the one
+    ``precompile`` warms up, so serving never compiles.  Checked on Triton's
+    own specialiser; a kernel that specialised T (Triton's default for ints:
+    == 1 and divisibility by 16) would fail the T=1/2/16 comparison."""
+    from triton.runtime.jit import JITFunction, MockTensor
+
+    kernel = JITFunction(triton_mod._fp32_linear_kernel, do_not_specialize=triton_mod.UNSPECIALIZED)
+    binder = _binder(kernel)
+    H, V = 576, 1000
+    for variant in triton_mod.launch_variants():
+        for has_bias in (True, False):
+            args, kwargs = triton_mod.warmup_call(variant, H, V, has_bias)
+            _, spec, options = binder(*map(MockTensor.wrap_dtype, args), **kwargs)
+            warm = (tuple(spec), str(options))
+            tile = variant.config.block_t
+            lo = max([t for t in triton_mod.TOKEN_TILES if t < tile], default=0) + 1
+            last = tile == triton_mod.TOKEN_TILES[-1]
+            for T in [lo, lo + 1, tile] + ([tile + 1, 512] if last else []):
+                x, w, b = _make(T, H, V, variant.x_dtype, variant.w_dtype, bias=has_bias)
+                got, key = _launch_key(binder, x, w, b)
+                assert got == variant and key == warm, (variant, has_bias, T)
+    # control: without do_not_specialize, T=1 and T=16 would be separate kernels
+    plain = _binder(JITFunction(triton_mod._fp32_linear_kernel))
+    keys = {_launch_key(plain, *_make(T, H, V, BF16, BF16, bias=False))[1] for T in (1, 2, 16)}
+    assert len(keys) == 3
+    # precompile is a no-op where nothing is compiled (CPU device, interpreter)
+    assert triton_mod.precompile("cpu", BF16, FP32, H, V, True) == []
+    assert triton_mod.precompile("cuda", BF16, FP32, H, V, True) == []  # TRITON_INTERPRET=1
+
+
+# Compiles every launch variant for each GPU exactly as ``precompile``'s
+# ``kernel.warmup`` would (Triton's specialiser, then ``triton.compile``), with
+# the serving layout of a Qwen2.5-7B head, and reports what the binary uses.
+_COMPILE_SCRIPT = textwrap.dedent("""
+    import json, re, sys, time, torch, triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource, make_backend
+    from triton.runtime.jit import JITFunction, MockTensor, create_function_from_signature
     from vllm_rl_compat.ops import fp32_linear_triton as m
-    kernel = JITFunction(m._fp32_linear_kernel)
-    sig = {n: "i64" if n.startswith("stride") else "i32" for n in
-           ("T", "V", "H", "stride_xt", "stride_xh", "stride_wv", "stride_wh",
-            "stride_b", "stride_ot", "stride_ov", "t_bucket")}
+    kernel = JITFunction(m._fp32_linear_kernel, do_not_specialize=m.UNSPECIALIZED)
     short = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
-    res = {}
-    for xd, wd in [(torch.bfloat16, torch.float32), (torch.bfloat16, torch.bfloat16),
-                   (torch.float32, torch.float32), (torch.float16, torch.float32)]:
-        mode, xp, wp = m.kernel_mode(xd, wd)
-        s = dict(sig, x_ptr="*" + short[xd], w_ptr="*" + short[wd], b_ptr="*fp32",
-                 out_ptr="*fp32")
-        for T in (1, 512):  # the decode and the prefill default configuration
-            cfg = m.default_config(T, wd)
-            const = dict(HAS_BIAS=True, MODE=mode, X_PARTS=xp, W_PARTS=wp, INTERPRET=False,
-                         BLOCK_T=cfg.block_t, BLOCK_V=cfg.block_v, BLOCK_K=cfg.block_k,
-                         GROUP_T=cfg.group_t)
-            for k in const:
-                s[k] = "constexpr"
-            for cc in (80, 86, 90):
-                c = triton.compile(ASTSource(fn=kernel, signature=s, constexprs=const),
-                                   target=GPUTarget("cuda", cc, 32),
-                                   options={"num_warps": cfg.num_warps,
-                                            "num_stages": cfg.num_stages})
-                ptx = c.asm["ptx"]
-                res[f"{short[xd]}-{short[wd]}-T{T}-sm{cc}"] = {
-                    "mma": sorted(set(re.findall(r"mma[.\\w]*", ptx))),
-                    "tf32": "tf32" in ptx.lower(), "cubin": len(c.asm["cubin"]),
-                    "shared": c.metadata.shared}
+    res, start = {}, time.time()
+    for cc in (80, 86, 90):
+        target = GPUTarget("cuda", cc, 32)
+        backend = make_backend(target)
+        binder = create_function_from_signature(kernel.signature, kernel.params, backend)
+        for v in m.launch_variants():
+            args, kwargs = m.warmup_call(v, H=3584, V=152064, has_bias=True)
+            bound, spec, opts = binder(*map(MockTensor.wrap_dtype, args), **kwargs)
+            options, signature, constexprs, attrs = kernel._pack_args(backend, kwargs, bound,
+                                                                      spec, opts)
+            c = triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=target,
+                               options=options.__dict__)
+            ptx = c.asm["ptx"]
+            cfg = v.config
+            key = (f"{short[v.x_dtype]}-{short[v.w_dtype]}-BT{cfg.block_t}-W{cfg.num_warps}"
+                   f"-S{cfg.num_stages}-sm{cc}")
+            res[key] = {"mma": sorted(set(re.findall(r"mma[.\\w]*", ptx))),
+                        "tf32": "tf32" in ptx.lower(), "cubin": len(c.asm["cubin"]),
+                        "shared": c.metadata.shared}
+    print(f"compiled {len(res)} kernels in {time.time() - start:.0f} s", file=sys.stderr)
     print(json.dumps(res))
 """)
 
 
 def test_kernel_compiles_for_real_gpus_without_tf32():
-    """The interpreter never runs the compiled path, so compile the default
-    decode/prefill configurations for sm_80/86/90 (ptxas ships with the triton
-    wheel) and inspect the result: bf16 tensor-core MMA with fp32 accumulation
-    for 16-bit/split modes, no TF32 anywhere, no MMA (i.e. IEEE FMA) for
-    fp32 x fp32, and shared memory within the 99 KB a block may use on sm_86."""
+    """The interpreter never runs the compiled path, so compile every launch
+    variant (each default configuration x dtype pair an engine can use) for
+    sm_80/86/90 (ptxas ships with the triton wheel) and inspect the result:
+    tensor-core MMA with fp32 accumulation for 16-bit/split modes (bf16 parts
+    for split), no TF32 anywhere, no MMA (i.e. IEEE FMA) for fp32 x fp32, and
+    shared memory within the 99 KB a block may use on sm_86."""
     env = dict(os.environ, TRITON_INTERPRET="0", TRITON_DEFAULT_FP_FUSION="1")
     proc = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], capture_output=True, text=True,
-                          env=env, timeout=300, cwd=os.path.dirname(os.path.dirname(__file__)))
+                          env=env, timeout=600, cwd=os.path.dirname(os.path.dirname(__file__)))
     if proc.returncode != 0 and ("ptxas" in proc.stderr and "not found" in proc.stderr):
         pytest.skip("no ptxas available for an offline CUDA compile")
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert len(res) == 3 * len(triton_mod.launch_variants())
+    assert any(k.startswith("fp16-fp32-BT32") and k.endswith("sm86") for k in res)
     # mma.sync ... .f32.bf16.bf16.f32 (sm_80/86, sm_90 small tiles) or
     # wgmma.mma_async ... .f32.bf16.bf16 (sm_90, 64-row tiles): fp32 accumulator.
     for key, info in res.items():
@@ -408,7 +569,8 @@ def test_kernel_compiles_for_real_gpus_without_tf32():
         if key.startswith("fp32-fp32"):
             assert info["mma"] == [], key
         else:
-            assert any(".f32.bf16.bf16" in m for m in info["mma"]), (key, info["mma"])
+            operands = ".f32.f16.f16" if key.startswith("fp16-fp16") else ".f32.bf16.bf16"
+            assert any(operands in m for m in info["mma"]), (key, info["mma"])
 
 
 # ---------------------------------------------------------------- CPU kernels

@@ -30,7 +30,7 @@ def _version(dist: str) -> str:
 
 def info_lines() -> list[str]:
     from vllm_rl_compat.config import RLCompatConfig
-    from vllm_rl_compat.engine_settings import SETTINGS
+    from vllm_rl_compat.engine_settings import enforced
 
     try:
         switch = "on (RL mode)" if envs.VLLM_RL_COMPAT else "off"
@@ -44,7 +44,9 @@ def info_lines() -> list[str]:
         f"switch {envs.SWITCH}: {switch}",
         "settings RL mode applies (defaults; switch each off under additional_config.rl_compat):",
     ]
-    lines += [f"  {s.arg} = {s.value!r}   ({s.fix})" for s in SETTINGS]
+    lines += [f"  {s.arg} = {s.value!r}   ({s.fix})" for s in enforced(RLCompatConfig())]
+    lines.append("  enable_prefix_caching = True, keyed by weight version   "
+                 "(prefix_cache='versioned', opt-in)")
     lines.append(f"  lm_head = fp32 ({RLCompatConfig().fp32_head}) (fp32_head)")
     from vllm_rl_compat.weights.registry import BACKENDS, DEFAULT_BACKEND
 
@@ -71,6 +73,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="vllm-rl-compat", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="versions, plugin discovery, switch state, RL settings")
+    contract = sub.add_parser(
+        "contract", help="check every vLLM internal RL mode depends on (no engine)")
+    contract.add_argument("--vllm-source", metavar="DIR",
+                          help="check the vLLM sources under DIR (the folder holding vllm/, "
+                               "e.g. an unpacked wheel) instead of the installed vLLM")
+    contract.add_argument("--list", action="store_true", help="list the entries and exit")
     check = sub.add_parser("check", help="measure the train-inference logprob mismatch")
     from vllm_rl_compat.parity import command
 
@@ -79,7 +87,25 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "info":
         print("\n".join(info_lines()))
         return 0
+    if args.command == "contract":
+        return run_contract(args.vllm_source, args.list)
     return command.run(args)
+
+
+def run_contract(source: str | None, list_only: bool) -> int:
+    """Print the contract's problems (exit 1) or that every entry holds (exit 0)."""
+    from vllm_rl_compat import contract
+
+    if list_only:
+        print("\n".join(contract.describe()))
+        return 0
+    where = source or "the installed vLLM"
+    problems = (contract.check_source_tree(source) if source else contract.check_all())
+    for line in problems:
+        print(f"FAIL {line}")
+    print(f"{len(contract.ENTRIES) - len(problems)}/{len(contract.ENTRIES)} entries hold "
+          f"in {where} (checked on vLLM {', '.join(contract.CHECKED_ON)})")
+    return 1 if problems else 0
 
 
 if __name__ == "__main__":

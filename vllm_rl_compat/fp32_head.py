@@ -23,6 +23,13 @@ What it changes (worker processes only, installed by ``plugin._register_once``):
   embedding are unchanged) and gets an fp32 shadow copy that the embedding's
   weight loader fills with the same unrounded tensor on every load.
   ``off`` is stock vLLM (including a user's ``head_dtype``).
+* Start-up: ``contract.require`` checks (by source) that vLLM still calls
+  ``_apply_head`` from those paths, and ``Worker.load_model`` is wrapped so
+  that, once the model is loaded, ``probe_head`` runs two hidden states
+  through ``compute_logits`` and fails start-up unless the fp32 head was
+  called and returned fp32 logits; on CUDA it then compiles every Triton
+  launch configuration the head can need (``ops.fp32_linear_triton.precompile``),
+  so nothing compiles while serving.
 * Front end: ``head_dtype_hook`` (an engine-settings hook, installed by the plugin)
   checks ``hf_overrides["head_dtype"]`` against the mode before vLLM builds
   its config.
@@ -55,7 +62,12 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
-from vllm_rl_compat.config import CONFIG_KEY, RLCompatConfig, current_rl_config
+from vllm_rl_compat.config import (
+    CONFIG_KEY,
+    RLCompatConfig,
+    current_rl_config,
+    rl_config_from_additional,
+)
 
 if TYPE_CHECKING:
     from vllm.engine.arg_utils import EngineArgs
@@ -63,7 +75,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger("vllm.rl_compat")
 
 SHADOW_ATTR = "rl_compat_fp32_weight"  # module.__dict__ key of a tied head's fp32 copy
-_INSTALLED_FLAG = "_rl_compat_fp32_head"
 
 
 class QuantizedHeadError(ValueError):
@@ -91,8 +102,13 @@ def check_head_supported(quant_method: Any, mode: str, where: str = "lm_head") -
 def select_impl(device_type: str, preference: str, mode: str = "compute") -> str:
     """The ``fp32_linear`` implementation for a device: one decision point.
 
-    CUDA: the Triton kernel (``auto``/``triton``) or ``torch``, which is
-    ``torch.mm(out_dtype=float32)`` for 16-bit weights. CPU: ``auto`` keeps
+    CUDA: ``auto`` stays ``auto``, decided per call from the dtypes
+    (``fp32_linear.cuda_auto_route``): cuBLAS ``torch.mm(out_dtype=float32)``
+    when activations and weight share a dtype (``compute`` mode: what vLLM
+    itself runs for ``head_dtype="float32"``; IEEE-pinned for fp32), the
+    Triton kernel for mixed dtypes (``weights`` mode: bf16 activations x fp32
+    weight, which cuBLAS cannot do exactly on tensor cores). ``triton`` and
+    ``torch`` force one of the two. CPU: ``auto`` keeps
     the choice per call inside ``fp32_linear`` -- for a bf16 weight oneDNN's
     bf16 brgemm where the CPU has it (AMX), else the ``blocked`` kernel (both
     built here, at model construction, so a first-time compile happens at
@@ -110,7 +126,7 @@ def select_impl(device_type: str, preference: str, mode: str = "compute") -> str
     if device_type == "cuda":
         if preference in cpu_routes:
             raise bad("is a CPU kernel, this engine runs on 'cuda'")
-        return "torch" if preference == "torch" else "triton"
+        return preference
     if preference == "triton":
         raise bad(f"needs a CUDA device, this engine runs on {device_type!r}")
     if preference in cpu_routes and mode == "weights":
@@ -165,6 +181,7 @@ def _logits_processor_class() -> type:
             cfg = current_rl_config()
             self.rl_mode = cfg.fp32_head
             self.rl_impl = None
+            self.rl_apply_head_calls = 0  # read by the start-up probe
             if self.rl_mode != "off":
                 self.rl_impl = select_impl(current_platform.device_type, cfg.fp32_head_impl,
                                            self.rl_mode)
@@ -176,6 +193,7 @@ def _logits_processor_class() -> type:
                         embedding_bias: torch.Tensor | None) -> torch.Tensor:
             if self.rl_mode == "off":
                 return super()._apply_head(lm_head, hidden_states, embedding_bias)
+            self.rl_apply_head_calls += 1
             check_head_supported(lm_head.quant_method, self.rl_mode)
             if self.rl_mode == "weights":
                 _warn_if_not_fp32(lm_head)
@@ -301,30 +319,98 @@ def _on_head_created(head: torch.nn.Module) -> None:
         head.__dict__["_rl_compat_own_fp32"] = True
 
 
-def _patch_parallel_lm_head() -> None:
-    from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead
-
-    if getattr(ParallelLMHead, _INSTALLED_FLAG, False):
-        return
-    original_init = ParallelLMHead.__init__
-    original_tie = ParallelLMHead.tie_weights
-
-    @functools.wraps(original_init)
+def _wrap_head_init(original: Callable[..., Any]) -> Callable[..., Any]:
     def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
-        original_init(self, *args, **kwargs)
+        original(self, *args, **kwargs)
         _on_head_created(self)
+    return __init__
 
-    @functools.wraps(original_tie)
+
+def _wrap_tie_weights(original: Callable[..., Any]) -> Callable[..., Any]:
     def tie_weights(self: Any, embed_tokens: torch.nn.Module) -> Any:
         own = self.weight if self.__dict__.get("_rl_compat_own_fp32") else None
-        result = original_tie(self, embed_tokens)
+        result = original(self, embed_tokens)
         if own is not None and self.weight is not own:
             tie_fp32_shadow(self, embed_tokens, own)
         return result
+    return tie_weights
 
-    ParallelLMHead.__init__ = __init__
-    ParallelLMHead.tie_weights = tie_weights
-    setattr(ParallelLMHead, _INSTALLED_FLAG, True)
+
+def probe_head(model: torch.nn.Module, model_dtype: torch.dtype, hidden_size: int) -> None:
+    """Start-up proof that the logits path really runs the fp32 head.
+
+    Two hidden states through ``model.compute_logits`` (vLLM's own entry to
+    the logits path): our ``_apply_head`` must have been called, and the
+    logits must be fp32 and not all model-dtype values. Raises
+    ``RuntimeError`` otherwise, so a vLLM that stopped calling the hook fails
+    start-up instead of serving rounded logits. TP ranks that get no logits
+    (gathered to rank 0) check only the call.
+    """
+    processors = [m for m in model.modules() if hasattr(m, "rl_apply_head_calls")]
+    if not processors or not hasattr(model, "compute_logits"):
+        raise RuntimeError(f"{CONFIG_KEY}.fp32_head: {type(model).__name__} has no fp32 "
+                           f"LogitsProcessor; the fp32 head is not in its logits path")
+    if all(p.rl_mode == "off" for p in processors):
+        return
+    before = sum(p.rl_apply_head_calls for p in processors)
+    device = next(model.parameters()).device
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    hidden = torch.randn(2, hidden_size, generator=gen).to(device=device, dtype=model_dtype)
+    with torch.no_grad():
+        logits = model.compute_logits(hidden)
+    if sum(p.rl_apply_head_calls for p in processors) == before:
+        raise RuntimeError(f"{CONFIG_KEY}.fp32_head: {type(model).__name__}.compute_logits "
+                           f"did not call the fp32 head (vLLM's logits path changed)")
+    if logits is not None and (logits.dtype != torch.float32 or torch.equal(
+            logits, logits.to(model_dtype).to(torch.float32))):
+        raise RuntimeError(f"{CONFIG_KEY}.fp32_head: the logits path returned "
+                           f"{logits.dtype} logits rounded to {model_dtype}, not fp32")
+    if device.type == "cuda":
+        _precompile(model, model_dtype, {p.rl_impl for p in processors})
+
+
+def _precompile(model: torch.nn.Module, model_dtype: torch.dtype, impls: set[Any]) -> None:
+    """CUDA: compile every Triton launch the head can need now, not mid-serving."""
+    from vllm_rl_compat.ops.fp32_linear import cuda_auto_route
+    from vllm_rl_compat.ops.fp32_linear_triton import precompile
+
+    head = getattr(model, "lm_head", None)
+    if head is None or not hasattr(head, "weight"):
+        return
+    weight = head_weight(head)
+    if "triton" in impls or ("auto" in impls
+                             and cuda_auto_route(model_dtype, weight.dtype) == "triton"):
+        precompile(weight.device, model_dtype, weight.dtype, weight.shape[1], weight.shape[0],
+                   has_bias=False)
+
+
+def _wrap_load_model(original: Callable[..., Any]) -> Callable[..., Any]:
+    def load_model(self: Any, *args: Any, **kwargs: Any) -> Any:
+        result = original(self, *args, **kwargs)
+        config = self.vllm_config
+        if rl_config_from_additional(config.additional_config).fp32_head != "off":
+            from vllm.config import set_current_vllm_config
+
+            with set_current_vllm_config(config):
+                probe_head(self.model_runner.get_model(), config.model_config.dtype,
+                           config.model_config.get_hidden_size())
+        return result
+    return load_model
+
+
+def _patch_worker(module: Any) -> None:
+    from vllm_rl_compat.patching import patch_method
+
+    patch_method(module.Worker, "load_model", _wrap_load_model)
+
+
+def _patch_parallel_lm_head() -> None:
+    from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead
+
+    from vllm_rl_compat.patching import patch_method
+
+    patch_method(ParallelLMHead, "__init__", _wrap_head_init)
+    patch_method(ParallelLMHead, "tie_weights", _wrap_tie_weights)
 
 
 def head_dtype_hook(args: "EngineArgs", cfg: RLCompatConfig) -> str | None:
@@ -350,9 +436,16 @@ def head_dtype_hook(args: "EngineArgs", cfg: RLCompatConfig) -> str | None:
 
 def install() -> None:
     """Register the fp32 head in this process (idempotent)."""
-    from vllm.model_executor.custom_op import op_registry_oot
-    from vllm.model_executor.layers.logits_processor import LogitsProcessor
+    from vllm_rl_compat.contract import require
+    from vllm_rl_compat.patching import when_imported
 
-    if "LogitsProcessor" not in op_registry_oot:
+    # The override below is only reached while vLLM calls ``_apply_head`` from
+    # every logits path: checked here (by source), probed at load (by a call).
+    require("LogitsProcessor._apply_head")
+    (op_registry_oot,) = require("op_registry_oot")
+    if "LogitsProcessor" not in op_registry_oot:  # vLLM's registry is the idempotency check
+        from vllm.model_executor.layers.logits_processor import LogitsProcessor
+
         LogitsProcessor.register_oot(_logits_processor_class())
     _patch_parallel_lm_head()
+    when_imported("vllm.v1.worker.gpu_worker", _patch_worker)

@@ -13,11 +13,19 @@ import importlib.abc
 import sys
 from typing import Any, Callable
 
-_MARK = "__rl_compat_original__"
+from vllm_rl_compat.contract import PATCH_MARK as _MARK
+from vllm_rl_compat.contract import check, entry_for_patch
 
 
 def patch_method(owner: Any, name: str, wrap: Callable[[Any], Any]) -> bool:
-    """Replace ``owner.name`` with ``wrap(original)``; ``False`` if already done."""
+    """Replace ``owner.name`` with ``wrap(original)``; ``False`` if already done.
+
+    A vLLM ``owner`` must be listed in ``contract.ENTRIES``; the entry is
+    checked first, so a renamed or changed symbol fails with its name.
+    """
+    entry = entry_for_patch(owner, name)
+    if entry is not None:
+        check(entry)
     original = owner.__dict__.get(name) if isinstance(owner, type) else None
     if original is None:
         original = getattr(owner, name, None)

@@ -31,20 +31,18 @@ without a seed; requests whose sample is kept; generators on other devices
 model runner (front end, engine core); engines without ``VLLM_RL_COMPAT=1``.
 
 Fallback: none. If vLLM's runner no longer has ``_sample`` or
-``_bookkeeping_sync``, the patch raises ``RuntimeError`` naming the symbol
+``_bookkeeping_sync``, ``contract.VLLMContractError`` names the symbol
 when the CPU model runner is loaded, so the worker fails start-up.
 """
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import numpy as np
 
 RUNNER_MODULE = "vllm.v1.worker.cpu_model_runner"
 RUNNER_CLASS = "CPUModelRunner"
-_INSTALLED_FLAG = "_rl_compat_seeded_sampling"
 _SAVED_ATTR = "_rl_compat_discarded_generator_states"
 
 
@@ -62,52 +60,44 @@ def _discarded_cpu_generators(runner: Any) -> dict[int, tuple[Any, Any]]:
     return saved
 
 
-def patch_runner(cls: type) -> None:
-    """Wrap ``cls._sample`` and ``cls._bookkeeping_sync`` (idempotent)."""
-    if cls.__dict__.get(_INSTALLED_FLAG, False):
-        return
-    originals = {}
-    for name in ("_sample", "_bookkeeping_sync"):
-        method = getattr(cls, name, None)
-        if not callable(method):
-            raise RuntimeError(
-                f"vllm_rl_compat.seeded_sampling: {cls.__module__}.{cls.__qualname__}.{name} "
-                f"is missing in this vLLM version; the chunked-prefill fix for seeded "
-                f"sampling on CPU cannot be installed.")
-        originals[name] = method
-
-    @functools.wraps(originals["_sample"])
+def _wrap_sample(original: Any) -> Any:
     def _sample(self: Any, *args: Any, **kwargs: Any) -> Any:
         # Overwritten every step: a snapshot never outlives its own step.
         self.__dict__[_SAVED_ATTR] = _discarded_cpu_generators(self)
-        return originals["_sample"](self, *args, **kwargs)
+        return original(self, *args, **kwargs)
+    return _sample
 
-    @functools.wraps(originals["_bookkeeping_sync"])
+
+def _wrap_bookkeeping(original: Any) -> Any:
     def _bookkeeping_sync(self: Any, *args: Any, **kwargs: Any) -> Any:
         saved = self.__dict__.pop(_SAVED_ATTR, None)
         if not saved:
-            return originals["_bookkeeping_sync"](self, *args, **kwargs)
+            return original(self, *args, **kwargs)
         for gen, state in saved.values():
             gen.set_state(state)
         batch = self.input_batch
         generators = batch.generators
         batch.generators = {i: g for i, g in generators.items() if i not in saved}
         try:
-            return originals["_bookkeeping_sync"](self, *args, **kwargs)
+            return original(self, *args, **kwargs)
         finally:
             batch.generators = generators
+    return _bookkeeping_sync
 
-    cls._sample = _sample
-    cls._bookkeeping_sync = _bookkeeping_sync
-    setattr(cls, _INSTALLED_FLAG, True)
+
+def patch_runner(cls: type) -> None:
+    """Wrap ``cls._sample`` and ``cls._bookkeeping_sync`` (idempotent)."""
+    from vllm_rl_compat.patching import patch_method
+
+    patch_method(cls, "_sample", _wrap_sample)
+    patch_method(cls, "_bookkeeping_sync", _wrap_bookkeeping)
 
 
 def _patch_module(module: Any) -> None:
-    cls = getattr(module, RUNNER_CLASS, None)
-    if cls is None:
-        raise RuntimeError(f"vllm_rl_compat.seeded_sampling: {RUNNER_MODULE}.{RUNNER_CLASS} "
-                           f"is missing in this vLLM version.")
-    patch_runner(cls)
+    from vllm_rl_compat.contract import require
+
+    require("CPUModelRunner._sample", "CPUModelRunner._bookkeeping_sync")
+    patch_runner(getattr(module, RUNNER_CLASS))
 
 
 def install() -> None:

@@ -6,8 +6,23 @@ up to fp32 accumulation error, not bf16-rounded logits.  This is the public
 entry point; it validates arguments and dispatches to the Triton kernel
 (``fp32_linear_triton``, CUDA), the CPU kernels for bf16 x bf16
 (``fp32_linear_cpu``: oneDNN's bf16 brgemm where the CPU has AMX, the
-``blocked`` kernel on any other CPU) or the chunked pure-torch path
-(``fp32_linear_torch``).
+``blocked`` kernel on any other CPU) or the pure-torch path
+(``fp32_linear_torch``: cuBLAS on CUDA, chunked upcast on CPU).
+
+``auto`` on CUDA (``cuda_auto_route``, decided per call from the dtypes):
+cuBLAS wherever it has an exact fp32 route -- same-dtype operands, i.e.
+``torch.mm(x, W.t(), out_dtype=float32)`` for bf16/fp16 (exact products,
+fp32 accumulation: what vLLM itself runs for ``head_dtype="float32"``) and an
+IEEE-pinned fp32 ``torch.mm`` for fp32 x fp32 (what vLLM runs for an fp32
+model) -- and the Triton kernel everywhere else.  cuBLAS has no mixed-dtype
+GEMM, so for mixed dtypes, e.g. bf16 activations with an fp32 head
+(``fp32_head="weights"``), its only exact route is an IEEE fp32 GEMM on CUDA
+cores after upcasting the 16-bit operand (a full fp32 copy of W when that is
+the weight; TF32 would round), while the kernel reads both operands in place
+and runs its exact bf16 split on tensor cores.  Whether the kernel should
+also be the default for bf16 x bf16 is for a GPU run of
+``benchmarks/bench_fp32_linear.py`` to show (its ``torch_mm_fp32`` and
+``ours_triton`` rows); until then that default is the library vLLM trusts.
 
 Accepted layouts: ``x`` and ``weight`` may have any strides, including
 row-strided views such as ``W[::2]`` or a column slice of a wider matrix;
@@ -62,11 +77,22 @@ def _validate(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
             raise ValueError(f"fp32_linear: bias is on {bias.device} but x is on {x.device}")
 
 
+def cuda_auto_route(x_dtype: torch.dtype, w_dtype: torch.dtype) -> str:
+    """What ``auto`` runs on CUDA for these dtypes: ``"torch"`` (cuBLAS) or ``"triton"``.
+
+    A pure function of the dtypes, so the rule is testable without a GPU:
+    identical dtypes have an exact cuBLAS call (see the module docstring),
+    mixed dtypes go to the kernel's exact bf16 split.
+    """
+    return "torch" if x_dtype == w_dtype else "triton"
+
+
 def resolve_impl(impl: str, x: torch.Tensor, weight: torch.Tensor) -> str:
-    """``auto``: Triton on CUDA; on CPU the first CPU route that applies, else torch."""
+    """``auto``: ``cuda_auto_route`` on CUDA; on CPU the first CPU route that applies,
+    else torch.  A forced impl is checked against the tensors and returned."""
     if impl == "auto":
         if x.is_cuda:
-            return "triton"
+            return cuda_auto_route(x.dtype, weight.dtype)
         return next((r for r in CPU_ROUTES if _cpu_route_applies(r, x, weight)), "torch")
     if impl == "triton" and not x.is_cuda and not interpreting():
         raise ValueError(f"fp32_linear: impl='triton' needs CUDA tensors (x is on {x.device}) "
@@ -98,9 +124,12 @@ def fp32_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     propagates; an inf may come out as NaN in mixed-dtype (split) mode.  The
     output is a new contiguous fp32 tensor; inputs are never modified or
     copied whole.
-    ``impl``: "auto" (Triton on CUDA; on CPU for bf16 x bf16 brgemm where
-    oneDNN has it, else the blocked kernel; torch otherwise), "triton",
-    "brgemm", "blocked" or "torch".
+    fp32 matmuls run with IEEE precision even if the process set
+    ``torch.set_float32_matmul_precision("high")`` or ``("medium")``.
+    ``impl``: "auto" (on CUDA cuBLAS for same-dtype operands, the Triton
+    kernel for mixed dtypes; on CPU for bf16 x bf16 brgemm where oneDNN has
+    it, else the blocked kernel; torch otherwise), "triton", "brgemm",
+    "blocked" or "torch" (cuBLAS on CUDA for same-dtype operands).
     """
     _validate(x, weight, bias, impl)
     resolved = resolve_impl(impl, x, weight)

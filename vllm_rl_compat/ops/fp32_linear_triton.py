@@ -55,16 +55,29 @@ grid also avoids CUDA's 65535 limit on grid axes 1 and 2.  All pointer offsets
 are int64 (a 152064 x 3584 weight has 5.4e8 elements: fits int32, but
 strided views / larger vocabularies need not).
 
+No compile while serving: Triton compiles one binary per specialisation of
+the arguments, and by default it specialises every int argument on ``== 1``
+and on divisibility by 16.  The token count ``T`` (and ``t_bucket``, derived
+from it) is therefore declared ``do_not_specialize``: a decode step with one
+token, 3 or 16 tokens all reuse one binary.  The other ints (``V``, ``H``,
+strides) are fixed by the model, so their specialisation is harmless.  The
+tile configuration follows ``T`` only through ``TOKEN_TILES`` (three buckets),
+so ``launch_variants`` lists every kernel ``fp32_linear`` can launch for the
+engine's dtypes and ``precompile`` compiles them at load time.
+
 Autotuning is off by default (one fixed heuristic configuration, no warm-up
 benchmarks at serve time).  ``VLLM_RL_COMPAT_AUTOTUNE=1`` enables
-``triton.autotune`` over a few configs; it is ignored under the interpreter.
+``triton.autotune`` over a few configs (which compiles and times them at serve
+time, by design); it is ignored under the interpreter.
 """
 
 from __future__ import annotations
 
 import functools
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import triton
@@ -197,21 +210,73 @@ class LaunchConfig:
     group_t: int = 8
 
 
-def default_config(T: int, w_dtype: torch.dtype) -> LaunchConfig:
-    """The fixed (untuned) configuration: small token tiles for decode.
+# Every BLOCK_T ``default_config`` can choose: the token count only selects
+# one of these, which is what keeps the set of compiled kernels finite.
+TOKEN_TILES = (16, 32, 64)
+
+
+def token_tile(T: int) -> int:
+    """The smallest tile of ``TOKEN_TILES`` that holds ``T`` rows, else the largest."""
+    return next((b for b in TOKEN_TILES if T <= b), TOKEN_TILES[-1])
+
+
+def tile_config(block_t: int, w_dtype: torch.dtype) -> LaunchConfig:
+    """The fixed (untuned) configuration for a ``TOKEN_TILES`` entry.
 
     BLOCK_T follows T (16, 32 or 64 rows) so decode does not compute 127 dead
     rows; BLOCK_V=64 at decode gives V/64 programs (2376 for a 152k vocab),
     enough to fill any current GPU.  BLOCK_K=64 with a 3-stage pipeline, or 2
-    stages for 64-row tiles of fp32 weights (Triton 3.8 needs 104 KB there with
-    3 stages), stays under the 99 KB of shared memory a block may use on sm_86.
+    stages for 32- and 64-row tiles of fp32 weights, stays under the 99 KB of
+    shared memory a block may use on sm_86: with 3 stages Triton 3.8 needs
+    108 KB for fp16 x fp32 at 32 rows and 104 KB for 64 rows (the offline
+    compile test checks every configuration).
     """
-    if T <= 16:
+    if block_t not in TOKEN_TILES:
+        raise ValueError(f"block_t must be one of {TOKEN_TILES}, got {block_t}")
+    if block_t == 16:
         return LaunchConfig(16, 64, 64, num_warps=4, num_stages=3)
-    block_t = 32 if T <= 32 else 64
     warps = 8 if (w_dtype == torch.float32 or block_t == 64) else 4
-    stages = 2 if (w_dtype == torch.float32 and block_t == 64) else 3
+    stages = 2 if w_dtype == torch.float32 else 3
     return LaunchConfig(block_t, 128, 64, num_warps=warps, num_stages=stages)
+
+
+def default_config(T: int, w_dtype: torch.dtype) -> LaunchConfig:
+    """The configuration ``fp32_linear`` launches for ``T`` tokens (see ``tile_config``)."""
+    return tile_config(token_tile(T), w_dtype)
+
+
+# (activation, weight) dtypes an engine can hand the head: the model dtype
+# for both (``fp32_head="compute"``) or an fp32 weight (``"weights"``).
+ENGINE_DTYPE_PAIRS = (
+    (torch.bfloat16, torch.bfloat16), (torch.float16, torch.float16),
+    (torch.float32, torch.float32), (torch.bfloat16, torch.float32),
+    (torch.float16, torch.float32),
+)
+
+
+@dataclass(frozen=True)
+class KernelVariant:
+    """One compiled kernel: operand dtypes (which fix MODE and parts) and a launch config."""
+
+    x_dtype: torch.dtype
+    w_dtype: torch.dtype
+    config: LaunchConfig
+
+    @property
+    def mode(self) -> tuple[int, int, int]:
+        """(MODE, X_PARTS, W_PARTS), see ``kernel_mode``."""
+        return kernel_mode(self.x_dtype, self.w_dtype)
+
+
+def launch_variants(pairs: Sequence[tuple[torch.dtype, torch.dtype]] = ENGINE_DTYPE_PAIRS,
+                    ) -> list[KernelVariant]:
+    """Every kernel the default (untuned) launch can need for these dtype pairs.
+
+    Complete by construction: ``default_config`` is ``tile_config`` of a
+    ``TOKEN_TILES`` entry, and ``T`` itself is not specialised.  (``HAS_BIAS``
+    doubles the count; it is fixed per model and passed to ``precompile``.)
+    """
+    return [KernelVariant(xd, wd, tile_config(bt, wd)) for xd, wd in pairs for bt in TOKEN_TILES]
 
 
 def autotune_enabled() -> bool:
@@ -232,6 +297,10 @@ def _autotune_configs() -> list[triton.Config]:
                           num_warps=w, num_stages=s) for t, v, k, w, s in shapes]
 
 
+# Arguments Triton must not specialise on: they change with every batch.
+UNSPECIALIZED = ("T", "t_bucket")
+
+
 @functools.lru_cache(maxsize=None)
 def _get_kernel(interpret: bool, autotune: bool):
     """Build the jit kernel lazily, keyed by mode.
@@ -243,7 +312,7 @@ def _get_kernel(interpret: bool, autotune: bool):
     ``interpret`` key only exists to re-decorate when the variable changes;
     running both modes in one process is not something Triton supports.
     """
-    kernel = triton.jit(_fp32_linear_kernel)
+    kernel = triton.jit(_fp32_linear_kernel, do_not_specialize=UNSPECIALIZED)
     if autotune:
         kernel = triton.autotune(configs=_autotune_configs(), key=["t_bucket", "V", "H", "MODE",
                                                                    "X_PARTS", "W_PARTS"])(kernel)
@@ -259,6 +328,84 @@ def kernel_mode(x_dtype: torch.dtype, w_dtype: torch.dtype) -> tuple[int, int, i
     return MODE_SPLIT, _PARTS[x_dtype], _PARTS[w_dtype]
 
 
+def _kernel_call(x: Any, w: Any, b: Any, out: Any, T: int, V: int, H: int,
+                 strides: tuple[int, ...], variant: KernelVariant, has_bias: bool,
+                 interpret: bool) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """Positional and keyword arguments of one kernel launch (or warm-up).
+
+    The single place that maps a call to the kernel's arguments, shared by
+    ``launch_call`` and ``warmup_call`` so that a warm-up compiles exactly the
+    specialisation a later launch looks up.  ``strides``: x (2), weight (2),
+    bias (1), out (2).
+    """
+    mode, x_parts, w_parts = variant.mode
+    cfg = variant.config
+    args = (x, w, b, out, T, V, H, *strides, triton.next_power_of_2(T))
+    kwargs = dict(HAS_BIAS=has_bias, MODE=mode, X_PARTS=x_parts, W_PARTS=w_parts,
+                  INTERPRET=interpret, BLOCK_T=cfg.block_t, BLOCK_V=cfg.block_v,
+                  BLOCK_K=cfg.block_k, GROUP_T=cfg.group_t, num_warps=cfg.num_warps,
+                  num_stages=cfg.num_stages)
+    return args, kwargs
+
+
+def launch_call(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                out: torch.Tensor, config: LaunchConfig | None = None, interpret: bool = False,
+                ) -> tuple[KernelVariant, tuple[Any, ...], dict[str, Any]]:
+    """The variant and kernel arguments ``fp32_linear_triton`` launches with."""
+    T, H = x.shape
+    V = weight.shape[0]
+    variant = KernelVariant(x.dtype, weight.dtype, config or default_config(T, weight.dtype))
+    b = bias if bias is not None else out  # dummy pointer, never read
+    strides = (*x.stride(), *weight.stride(), bias.stride(0) if bias is not None else 0,
+               *out.stride())
+    return variant, *_kernel_call(x, weight, b, out, T, V, H, strides, variant,
+                                  bias is not None, interpret)
+
+
+def warmup_call(variant: KernelVariant, H: int, V: int, has_bias: bool,
+                bias_dtype: torch.dtype | None = None) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """The arguments ``precompile`` passes to ``kernel.warmup`` for ``variant``.
+
+    Tensors are given as dtypes (Triton's warm-up treats them as 16-byte
+    aligned tensors); the layouts are the contiguous ones a serving call has:
+    ``x`` [T, H], ``weight`` [V, H], ``out`` [T, V], ``bias`` [V].
+    """
+    b = (bias_dtype or variant.w_dtype) if has_bias else torch.float32
+    strides = (H, 1, H, 1, 1 if has_bias else 0, V, 1)
+    return _kernel_call(variant.x_dtype, variant.w_dtype, b, torch.float32,
+                        variant.config.block_t, V, H, strides, variant, has_bias, interpret=False)
+
+
+def precompile(device: torch.device | str, x_dtype: torch.dtype, w_dtype: torch.dtype, H: int,
+               V: int, has_bias: bool, *, bias_dtype: torch.dtype | None = None,
+               ) -> list[KernelVariant]:
+    """Compile, without launching, every kernel ``fp32_linear`` can need for this head.
+
+    Why: a first-time Triton compile takes seconds; during serving it would
+    stall a decode step.  Call once the head weight is known (after the model
+    is loaded), on each worker, for the (activation, weight) dtypes and the
+    local ``[V, H]`` shard of the weight it will be called with, when those
+    dtypes resolve to the kernel (``impl="triton"``, or ``auto`` with
+    ``cuda_auto_route(...) == "triton"``).  Covers the three ``TOKEN_TILES``
+    configurations; ``T`` is not specialised, so no batch size compiles
+    anything afterwards.  Assumes what vLLM passes: contiguous, 16-byte aligned
+    tensors (another layout or alignment compiles once more on first use).
+    ``bias_dtype`` defaults to ``w_dtype``.  Returns the variants compiled:
+    none off CUDA, under the interpreter, or with ``VLLM_RL_COMPAT_AUTOTUNE=1``
+    (the autotuner compiles and times its own configurations on first use).
+    """
+    device = torch.device(device)
+    if device.type != "cuda" or interpreting() or autotune_enabled():
+        return []
+    kernel = _get_kernel(False, False)
+    variants = launch_variants([(x_dtype, w_dtype)])
+    with torch.cuda.device(device):
+        for variant in variants:
+            args, kwargs = warmup_call(variant, H, V, has_bias, bias_dtype)
+            kernel.warmup(*args, grid=(1,), **kwargs)
+    return variants
+
+
 def fp32_linear_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
                        *, config: LaunchConfig | None = None) -> torch.Tensor:
     """Launch the kernel; arguments must already be validated by ``fp32_linear``.
@@ -266,28 +413,22 @@ def fp32_linear_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     Any strides are accepted for ``x``, ``weight`` and ``bias`` (they are passed
     to the kernel, nothing is copied); unit stride along H gives coalesced loads.
     """
-    T, H = x.shape
-    V = weight.shape[0]
+    T, V = x.shape[0], weight.shape[0]
     out = torch.empty((T, V), dtype=torch.float32, device=x.device)
     if T == 0 or V == 0:
         return out
-    mode, x_parts, w_parts = kernel_mode(x.dtype, weight.dtype)
     interpret = interpreting()
     autotune = config is None and autotune_enabled()
     kernel = _get_kernel(interpret, autotune)
-    b = bias if bias is not None else out  # dummy pointer, never read
-    args = (x, weight, b, out, T, V, H, x.stride(0), x.stride(1), weight.stride(0), weight.stride(1),
-            bias.stride(0) if bias is not None else 0, out.stride(0), out.stride(1),
-            triton.next_power_of_2(T))
-    flags = dict(HAS_BIAS=bias is not None, MODE=mode, X_PARTS=x_parts, W_PARTS=w_parts,
-                 INTERPRET=interpret)
+    variant, args, kwargs = launch_call(x, weight, bias, out, config, interpret)
     if autotune:
+        for key in ("BLOCK_T", "BLOCK_V", "BLOCK_K", "GROUP_T", "num_warps", "num_stages"):
+            del kwargs[key]  # the autotuner supplies them
+
         def grid(meta):
             return (triton.cdiv(T, meta["BLOCK_T"]) * triton.cdiv(V, meta["BLOCK_V"]),)
-        kernel[grid](*args, **flags)
+        kernel[grid](*args, **kwargs)
         return out
-    cfg = config or default_config(T, weight.dtype)
-    grid = (triton.cdiv(T, cfg.block_t) * triton.cdiv(V, cfg.block_v),)
-    kernel[grid](*args, **flags, BLOCK_T=cfg.block_t, BLOCK_V=cfg.block_v, BLOCK_K=cfg.block_k,
-                 GROUP_T=cfg.group_t, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    cfg = variant.config
+    kernel[(triton.cdiv(T, cfg.block_t) * triton.cdiv(V, cfg.block_v),)](*args, **kwargs)
     return out

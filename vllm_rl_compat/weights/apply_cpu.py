@@ -225,16 +225,16 @@ def rebuild_tied_heads(model: torch.nn.Module) -> int:
 
 # ------------------------------------------------------------------ decision
 def check_internals() -> None:
-    """Import the private vLLM names the fast path needs (raises ``ImportError``).
+    """Check the private vLLM names the fast path needs (``contract.ENTRIES``).
 
     Called before the fast path is chosen, so a vLLM release that moved one
-    makes the worker take the layerwise reload instead of failing mid-apply.
+    makes the worker take the layerwise reload (``VLLMContractError`` names
+    the symbol) instead of failing mid-apply.
     """
-    from vllm.model_executor.model_loader.reload.layerwise import LAYERWISE_INFO  # noqa: F401
-    from vllm.model_executor.model_loader.reload.meta import CopyCounter  # noqa: F401
-    from vllm.model_executor.model_loader.reload.sanitize import (  # noqa: F401
-        layer_ref_sentinel,
-    )
+    from vllm_rl_compat.contract import require
+
+    require("LAYERWISE_INFO", "LayerReloadingInfo.restore_metadata", "CopyCounter",
+            "layer_ref_sentinel")
 
 
 def fast_reload_blocker(vllm_config: Any) -> str | None:

@@ -44,8 +44,10 @@ class RLCompatInitInfo(WeightTransferInitInfo):
 
     master_address: str = ""
     master_port: int = 0
-    world_size: int = 0  # trainer + every worker
-    rank_offset: int = 1  # group rank of this engine's first worker
+    # trainer + every worker of every data-parallel engine:
+    # 1 + data_parallel_size * tensor_parallel_size * pipeline_parallel_size
+    world_size: int = 0
+    rank_offset: int = 1  # group rank of the first engine's first worker
     secret: str = ""
     timeout: float = 60.0
 
@@ -56,6 +58,24 @@ class RLCompatUpdateInfo(WeightTransferUpdateInfo):
 
     source: str = ""
     path: str = ""
+
+
+def worker_group_rank(parallel_config: Any, rank_offset: int) -> int:
+    """This worker's rank in the trainer's broadcast group (``group_rank``).
+
+    Every engine's worker ``r`` of data-parallel engine ``i`` gets
+    ``rank_offset + i * world_size + r`` (vLLM's own NCCL weight transfer uses
+    the same numbering). Under ``external_launcher`` vLLM's ``world_size``
+    already spans every data-parallel rank and ``rank`` is global, so the
+    index must not be added again.
+    """
+    from vllm_rl_compat.weights.broadcast import group_rank
+
+    pc = parallel_config
+    dp_index = pc.data_parallel_index
+    if pc.distributed_executor_backend == "external_launcher":
+        dp_index = 0
+    return group_rank(rank_offset, dp_index, pc.world_size, pc.rank)
 
 
 class RLCompatWeightTransferEngine(
@@ -98,8 +118,7 @@ class RLCompatWeightTransferEngine(
             return  # files and shared memory need no connection
         from vllm_rl_compat.weights.broadcast import join_group
 
-        pc = self.parallel_config
-        rank = (init_info.rank_offset + pc.data_parallel_index * pc.world_size + pc.rank)
+        rank = worker_group_rank(self.parallel_config, int(init_info.rank_offset))
         self._group = join_group(init_info.master_address, int(init_info.master_port),
                                  rank=rank, world_size=int(init_info.world_size),
                                  timeout=float(init_info.timeout), secret=init_info.secret)

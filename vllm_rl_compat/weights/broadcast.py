@@ -1,11 +1,20 @@
 """Weight broadcast from a separate trainer process (torch.distributed style).
 
 The trainer and the engine's workers form their own small process group:
-the trainer is rank 0, worker ``i`` is rank ``1 + i``. The group is built from
-a ``TCPStore`` (hosted by the trainer) and a ``ProcessGroupGloo`` constructed
-directly (``ProcessGroupNCCL`` for ``backend="nccl"``), so it never touches
+the trainer is rank 0 and every vLLM worker of every data-parallel engine has
+one rank after it (``group_rank``: ``1 + dp_index * tp_pp_size + worker
+rank``), so the group's world size is ``1 + data_parallel_size *
+tensor_parallel_size * pipeline_parallel_size`` (times the prefill-context
+parallel size, if used). The group is built from a ``TCPStore`` (hosted by the
+trainer) and a ``ProcessGroupGloo`` constructed directly
+(``ProcessGroupNCCL`` for ``backend="nccl"``), so it never touches
 ``torch.distributed``'s default group or vLLM's own groups inside the worker.
-Every operation is bounded by the group's ``timeout``.
+Every operation is bounded by the group's ``timeout``: gloo's own timeout, and
+for NCCL (whose ``wait()`` only orders the CUDA stream) a CPU-side deadline
+per collective (``wait_for_event``) after which the communicator is aborted
+and ``BroadcastError`` raised, before NCCL's watchdog would end the process.
+(Not bounded by us: NCCL's communicator set-up inside the first collective
+of ``join_group``, which waits for every rank in NCCL's own bootstrap.)
 
 All ranks share a ``secret`` (make one with ``new_secret()`` and hand it to
 both sides out of band). Forming the group (``join_group`` /
@@ -32,10 +41,14 @@ Protocol of one update (``TrainerBroadcaster.send`` / ``receive_update``):
    broadcasts that receiver's error text, so the trainer raises the same
    clear error and no tensor data is sent (nor any staging memory allocated);
 3. data: the tensors' bytes, laid out back to back, are broadcast in chunks of
-   at most ``chunk_bytes``; receivers write each chunk straight into one
-   staging buffer of the update's total size. The trainer needs one chunk of
-   extra memory; each receiver holds the whole update (its total bytes) until
-   it has been applied or dropped;
+   at most ``chunk_bytes``; receivers stage the update in host memory, one
+   buffer of the update's total size (gloo writes each chunk straight into
+   it; NCCL receives each chunk into one GPU bounce buffer of ``chunk_bytes``
+   and copies it to the host before the next chunk). The trainer needs one
+   chunk of extra memory (on its GPU for NCCL); each receiver holds the whole
+   update (its total bytes) in host memory until it has been applied or
+   dropped, and with NCCL one chunk of GPU memory during the transfer (checked
+   during the verdict, so a worker without it rejects the update clearly);
 4. done: a final all-reduce, so the trainer knows every receiver has all
    bytes.
 
@@ -64,6 +77,7 @@ import logging
 import os
 import secrets
 import socket
+import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping
 
@@ -81,6 +95,10 @@ _STORE_PREFIX = "vllm_rl_compat/weights"
 _LABEL = b"vllm-rl-compat"
 _NONCE_BYTES = 32
 _MAC_BYTES = hashlib.sha256().digest_size
+# NCCL's watchdog ends the whole process when a collective outlives the
+# group's timeout, so its timeout is this much longer than our own deadline.
+_NCCL_WATCHDOG_SLACK = 60.0
+_POLL_MIN, _POLL_MAX = 20e-6, 1e-3  # seconds between event polls (backs off)
 
 
 class BroadcastError(RuntimeError):
@@ -92,6 +110,39 @@ def new_secret() -> str:
     return secrets.token_hex(32)
 
 
+def wait_for_event(event: Any, timeout: float, what: str, *,
+                   clock: Callable[[], float] = time.monotonic,
+                   sleep: Callable[[float], None] = time.sleep) -> None:
+    """Block the CPU until ``event.query()`` is true, at most ``timeout`` seconds.
+
+    ``event`` is anything with ``query() -> bool`` (a ``torch.cuda.Event``
+    here). Past the deadline raises ``BroadcastError`` saying ``what`` did
+    not arrive in time; the caller cleans up (aborts the communicator).
+    """
+    deadline = clock() + timeout
+    delay = _POLL_MIN
+    while not event.query():
+        left = deadline - clock()
+        if left <= 0:
+            raise BroadcastError(f"weight broadcast timed out after {timeout:g} s: {what}")
+        sleep(min(delay, left))
+        delay = min(delay * 2, _POLL_MAX)
+
+
+def _abort_pg(pg: Any) -> None:
+    """Abort a communicator without its peers (NCCL: in-flight kernels exit).
+
+    ``abort()`` (``ncclCommAbort``), not ``shutdown()``: a shutdown may wait
+    for the very collective that is stuck.
+    """
+    try:
+        pg.abort()
+    except Exception as exc:  # noqa: BLE001 - say so; the caller raises anyway
+        logger.error("could not abort the weight broadcast's NCCL communicator (%s: %s); "
+                     "its kernel may hold the GPU stream until NCCL's watchdog ends the "
+                     "process", type(exc).__name__, exc)
+
+
 @dataclass
 class Group:
     """A private process group: the store that built it and the group itself.
@@ -99,6 +150,10 @@ class Group:
     ``listen_socket`` (rank 0 only) is the store's listening socket; the store
     serves a duplicate of its descriptor, this object is kept for inspection
     and is closed with the group.
+
+    On a CUDA device every collective waits on the CPU until it completed or
+    ``timeout`` passed; then the communicator is aborted (the group is
+    unusable afterwards) and ``BroadcastError`` raised.
     """
 
     store: Any
@@ -109,16 +164,49 @@ class Group:
     timeout: float
     listen_socket: socket.socket | None = None
 
+    def _live_pg(self) -> Any:
+        if self.pg is None:
+            raise BroadcastError("the weight broadcast group is closed (or was aborted "
+                                 "after a timeout); reconnect the trainer")
+        return self.pg
+
+    def _complete(self, work: Any, what: str) -> None:
+        """Wait for ``work``; on CUDA with a CPU deadline (see ``wait_for_event``)."""
+        work.wait()  # gloo: blocks, bounded by its timeout; NCCL: orders the stream only
+        if self.device.type != "cuda":
+            return
+        event = torch.cuda.Event()
+        event.record()  # current stream, now behind the collective
+        try:
+            wait_for_event(event, self.timeout, what)
+        except BroadcastError as exc:
+            self.abort()
+            raise BroadcastError(f"{exc}; the NCCL communicator was aborted, reconnect "
+                                 "the trainer") from None
+
+    def _late(self, root: int | None) -> str:
+        """Who kept this rank waiting, for the timeout's message."""
+        if root is None:
+            return "a member of the weight broadcast group did not take part in time"
+        if root == self.rank:
+            return "a receiver did not take part in time"
+        who = "the trainer (rank 0)" if root == 0 else f"rank {root}"
+        return f"{who} did not send in time"
+
     def broadcast(self, tensor: torch.Tensor, root: int = 0) -> None:
         opts = dist.BroadcastOptions()
         opts.rootRank = root
-        self.pg.broadcast([tensor], opts).wait()
+        work = self._live_pg().broadcast([tensor], opts)
+        self._complete(work, f"{self._late(root)} (a {tensor.nbytes}-byte broadcast from "
+                             f"rank {root}; or a member of the group died)")
 
     def allreduce_min(self, value: int) -> int:
+        pg = self._live_pg()
         t = torch.tensor([value], dtype=torch.int64, device=self.device)
         opts = dist.AllreduceOptions()
         opts.reduceOp = dist.ReduceOp.MIN
-        self.pg.allreduce([t], opts).wait()
+        work = pg.allreduce([t], opts)
+        self._complete(work, f"{self._late(None)} (an all-reduce)")
         return int(t.item())
 
     def broadcast_bytes(self, data: bytes | None, root: int,
@@ -141,6 +229,12 @@ class Group:
             buf = torch.empty(n, dtype=torch.uint8, device=self.device)
         self.broadcast(buf, root)
         return bytes(buf.cpu().numpy()) if self.rank != root else data
+
+    def abort(self) -> None:
+        """Abort the communicator (no peer needed); the group cannot be used again."""
+        pg, self.pg = self.pg, None
+        if pg is not None:
+            _abort_pg(pg)
 
     def close(self) -> None:
         for obj in (self.pg,):
@@ -203,6 +297,10 @@ def _join(host: str, port: int, *, rank: int, world_size: int, timeout: float,
     """Form the group under ``prefix`` (no challenge); blocks until all joined."""
     if backend not in ("gloo", "nccl"):
         raise ValueError(f"backend must be 'gloo' or 'nccl', got {backend!r}")
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is outside the weight broadcast group of "
+                         f"world_size={world_size}; the world size must count the trainer "
+                         "and every worker of every data-parallel engine (group_rank)")
     td = datetime.timedelta(seconds=timeout)
     sock = None
     try:
@@ -213,13 +311,17 @@ def _join(host: str, port: int, *, rank: int, world_size: int, timeout: float,
             device = torch.device("cpu")
         else:
             opts = dist.ProcessGroupNCCL.Options()
-            opts._timeout = td
+            # Our CPU deadline (Group._complete) fires first and aborts the
+            # communicator; the watchdog would end the process instead.
+            opts._timeout = datetime.timedelta(seconds=timeout + _NCCL_WATCHDOG_SLACK)
             pg = dist.ProcessGroupNCCL(prefixed, rank, world_size, opts)
             device = torch.device("cuda", torch.cuda.current_device())
         group = Group(store, pg, rank, world_size, device, timeout, sock)
         # Make the join itself a rendezvous: everyone is in before anyone returns.
         group.allreduce_min(0)
-    except BroadcastError:
+    except BroadcastError:  # NCCL: the join's all-reduce missed its deadline
+        if sock is not None:
+            sock.close()
         raise
     except Exception as exc:
         if sock is not None:
@@ -262,6 +364,28 @@ def _challenge(group: Group, secret: str) -> None:
                          f"broadcast group (rank {culprit}); nothing was sent")
 
 
+def group_rank(rank_offset: int, dp_index: int, world_size: int, rank: int) -> int:
+    """Group rank of a vLLM worker: ``rank_offset + dp_index * world_size + rank``.
+
+    ``world_size`` is one engine's worker count (vLLM's
+    ``ParallelConfig.world_size``: tensor x pipeline x prefill-context
+    parallel), ``dp_index`` the engine's data-parallel index
+    (``ParallelConfig.data_parallel_index``: vLLM resets
+    ``data_parallel_rank`` to 0 in every engine of a dense model, the index
+    keeps the engine apart) and ``rank`` the worker's rank in its engine
+    (``ParallelConfig.rank``). The trainer's group then has ``rank_offset +
+    data_parallel_size * world_size`` ranks (``rank_offset`` is 1: the trainer).
+    """
+    for name, value in (("rank_offset", rank_offset), ("dp_index", dp_index),
+                        ("world_size", world_size), ("rank", rank)):
+        if type(value) is not int or value < 0:
+            raise ValueError(f"{name} must be a non-negative int, got {value!r}")
+    if world_size == 0 or rank >= world_size:
+        raise ValueError(f"worker rank {rank} is not below the engine's world size "
+                         f"{world_size}")
+    return rank_offset + dp_index * world_size + rank
+
+
 def join_group(host: str, port: int, *, rank: int, world_size: int,
                timeout: float = DEFAULT_TIMEOUT, backend: str = "gloo",
                secret: str, bind_address: str | None = None) -> Group:
@@ -270,8 +394,9 @@ def join_group(host: str, port: int, *, rank: int, world_size: int,
     Every rank must pass the same ``secret``; the group is only returned once
     every member has proven it holds it. Rank 0 listens on ``bind_address``
     (default ``host``; ``"0.0.0.0"`` for all interfaces); other ranks ignore it.
-    ``backend="nccl"`` puts the group and staging buffers on the current CUDA
-    device (engine on GPU); it is written for CUDA but untested here.
+    ``backend="nccl"`` puts the group on the current CUDA device (engine on
+    GPU); receivers still stage updates in host memory (``receive_update``).
+    It is written for CUDA but only its CPU-side parts are tested here.
     """
     _check_secret(secret)
     group = _join(host, port, rank=rank, world_size=world_size, timeout=timeout,
@@ -313,7 +438,11 @@ class TrainerBroadcaster:
 
     The engine side must connect with the same host, port and secret at the
     same time as the constructor (each blocks until the other joined), and
-    receive at the same time as each ``send``.
+    receive at the same time as each ``send``. ``num_receivers`` counts every
+    vLLM worker of every data-parallel engine: ``data_parallel_size *
+    tensor_parallel_size * pipeline_parallel_size`` (see ``group_rank``).
+    With ``backend="nccl"`` the chunk lives on the current CUDA device and each
+    chunk's broadcast is bounded by ``timeout`` on the CPU, as on the workers.
     """
 
     def __init__(self, host: str, port: int, num_receivers: int, *, secret: str,
@@ -442,28 +571,76 @@ def _check_header(raw: bytes, validate: Callable[[Iterable], None]
     return entries, total, min(chunk, max(total, 1))
 
 
+def check_bounce_fits(device: Any, need: int, free: int) -> None:
+    """Refuse a ``need``-byte GPU bounce buffer when only ``free`` bytes are free."""
+    if need > free:
+        raise BroadcastError(
+            f"the NCCL weight broadcast needs {need} bytes ({need / 2**20:.1f} MiB) of "
+            f"free GPU memory on {device} for its bounce buffer (one chunk), but only "
+            f"{free} bytes ({free / 2**20:.1f} MiB) are free; send with a smaller "
+            "chunk_bytes or start the engine with a lower gpu_memory_utilization")
+
+
+def _gpu_free_bytes(device: torch.device) -> int:
+    """Bytes a new allocation on ``device`` can use: the driver's free memory
+    plus what torch's caching allocator holds unused (e.g. the last update's
+    bounce buffer)."""
+    free, _ = torch.cuda.mem_get_info(device)
+    cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    return int(free) + max(int(cached), 0)
+
+
+def _bounce_buffer(device: torch.device, nbytes: int) -> torch.Tensor:
+    """The one GPU buffer an NCCL receive needs (``nbytes`` = one chunk)."""
+    check_bounce_fits(device, nbytes, _gpu_free_bytes(device))
+    try:
+        return torch.empty(nbytes, dtype=torch.uint8, device=device)
+    except torch.cuda.OutOfMemoryError as exc:  # free but fragmented, or taken meanwhile
+        raise BroadcastError(f"could not allocate the NCCL weight broadcast's {nbytes}-byte "
+                             f"bounce buffer on {device}: {exc}") from exc
+
+
 def receive_update(group: Group, validate: Callable[[Iterable], None]
                    ) -> list[tuple[str, torch.Tensor]]:
-    """Receiver side of one update: metadata, verdict, data into staging.
+    """Receiver side of one update: metadata, verdict, data into host staging.
 
-    Returns ``(name, tensor)`` views into one staging buffer. Raises
-    ``BroadcastError`` (rejected, or the transfer broke); nothing is kept then.
+    Returns ``(name, tensor)`` views into one staging buffer in host (CPU)
+    memory, whatever the group's device; applying them copies into the
+    parameters wherever those live. Over NCCL each chunk arrives in one GPU
+    bounce buffer of the update's chunk size, then is copied to the host
+    before the next chunk: that buffer is the only GPU memory an update needs
+    (besides NCCL's own, set up when the group formed). It is allocated before
+    the verdict, so a worker without that much free GPU memory rejects the
+    update with a clear error on every rank. Staging is ordinary (pageable)
+    host memory, not pinned: pinning a whole update would keep that much
+    page-locked memory per worker in torch's pinned-memory cache for the
+    process's lifetime. Raises ``BroadcastError`` (rejected, or the transfer
+    broke); nothing is kept then.
     """
     received = 0
     total = 0
+    bounce = None
     try:
         raw = group.broadcast_bytes(None, root=0, max_bytes=MAX_HEADER_BYTES)
         error = None
         try:
             entries, total, chunk = _check_header(raw, validate)
+            if group.device.type == "cuda":
+                bounce = _bounce_buffer(group.device, chunk)
         except Exception as exc:  # noqa: BLE001 - sent to the group as text
             error = str(exc) or type(exc).__name__
         _agree(group, error)
-        staging = torch.empty(total, dtype=torch.uint8, device=group.device)
+        staging = torch.empty(total, dtype=torch.uint8, device="cpu")
         while received < total:
             n = min(chunk, total - received)
-            group.broadcast(staging[received:received + n], 0)
+            dst = staging[received:received + n]
+            if bounce is None:
+                group.broadcast(dst, 0)  # gloo: straight into staging
+            else:
+                group.broadcast(bounce[:n], 0)  # returns once the chunk is there
+                dst.copy_(bounce[:n])  # the stream is idle now: a bounded copy
             received += n
+        bounce = None
         if group.allreduce_min(1) != 1:
             raise BroadcastError("another receiver failed")
     except BroadcastError:
@@ -472,6 +649,8 @@ def receive_update(group: Group, validate: Callable[[Iterable], None]
         raise BroadcastError(
             f"weight broadcast from the trainer failed after {received} of {total} "
             f"bytes (timeout {group.timeout:g} s): {type(exc).__name__}: {exc}") from exc
+    finally:
+        bounce = None  # an exception's traceback must not keep GPU memory alive
     offsets, _ = _layout(entries)
     return [(name, staging[start:start + _nbytes(shape, dtype)].view(dtype).view(shape))
             for (name, shape, dtype), start in zip(entries, offsets)]

@@ -61,6 +61,18 @@ def _files_info(path: str | os.PathLike) -> dict[str, Any]:
     return {"source": "files", "path": str(Path(path).resolve())}
 
 
+def receiver_count(vllm_config: Any) -> int:
+    """Workers a broadcast reaches: every worker of every data-parallel engine.
+
+    From the config, not from ``collective_rpc``: vLLM's data-parallel client
+    returns the first engine's results only.
+    """
+    pc = vllm_config.parallel_config
+    if pc.distributed_executor_backend == "external_launcher":
+        return pc.world_size  # already spans every data-parallel rank
+    return pc.world_size * pc.data_parallel_size
+
+
 def _trainer_info(host: str, port: int, num_workers: int, secret: str, timeout: float,
                   backend: str) -> dict[str, Any]:
     if backend != "gloo":
@@ -104,10 +116,11 @@ class WeightSync(_Common):
         self.llm = llm
         self._lock = threading.Lock()
         try:
-            self.num_workers = len(llm.collective_rpc("rl_compat_ping"))
+            llm.collective_rpc("rl_compat_ping")
         except Exception as exc:  # noqa: BLE001
             raise _not_installed(exc) from exc
         config = llm.llm_engine.vllm_config
+        self.num_workers = receiver_count(config)
         _check_backend(config)
         self._txn = transaction_of(llm, config)
         self.spec = WeightSpec.from_dict(llm.collective_rpc("rl_compat_weight_spec")[0])
@@ -167,12 +180,12 @@ class AsyncWeightSync(_Common):
     @classmethod
     async def create(cls, engine: Any) -> "AsyncWeightSync":
         try:
-            num_workers = len(await engine.collective_rpc("rl_compat_ping"))
+            await engine.collective_rpc("rl_compat_ping")
         except Exception as exc:  # noqa: BLE001
             raise _not_installed(exc) from exc
         _check_backend(engine.vllm_config)
         spec = WeightSpec.from_dict((await engine.collective_rpc("rl_compat_weight_spec"))[0])
-        return cls(engine, num_workers, spec)
+        return cls(engine, receiver_count(engine.vllm_config), spec)
 
     async def update_from_tensors(self, weights: Mapping[str, Any]
                                   | Iterable[tuple[str, Any]]) -> int:

@@ -44,6 +44,13 @@ from vllm_rl_compat.weights.broadcast import (
 )
 
 
+
+def source_pairs(source: Any) -> list[tuple[str, Any]]:
+    """The (name, tensor) pairs of a ``WeightSource``: vLLM 0.32 iterates the
+    source itself; later releases name the full iteration ``iter_full``."""
+    iter_full = getattr(source, "iter_full", None)
+    return list(iter_full() if callable(iter_full) else source)
+
 @dataclass
 class RLCompatGlooTrainerInitInfo(TrainerInitInfo):
     """Where the trainer hosts the group; ``world_size`` = 1 + engine workers."""
@@ -93,7 +100,7 @@ class RLCompatGlooTrainer(TrainerWeightTransferEngine[RLCompatGlooTrainerInitInf
 
     def send_weights(self) -> None:
         assert self.source is not None
-        pairs = list(self.source)  # materialising may be a collective on every rank
+        pairs = source_pairs(self.source)  # materialising may be a collective on every rank
         if not self.is_sender:
             return
         self.client.start_weight_update()
@@ -147,7 +154,7 @@ class RLCompatTensorsTrainer(TrainerWeightTransferEngine[RLCompatTensorsTrainerI
         from vllm_rl_compat.weights.shm import remove_shm, write_shm
 
         assert self.source is not None
-        pairs = list(self.source)
+        pairs = source_pairs(self.source)
         if not self.is_sender:
             return
         path = write_shm(pairs)

@@ -168,10 +168,12 @@ def _fast_reloader(worker: Any) -> Any:
 
         fast, reason = None, apply_cpu.fast_reload_blocker(worker.vllm_config)
         if reason is None:
+            from vllm_rl_compat.contract import VLLMContractError
+
             try:
                 apply_cpu.check_internals()
-            except ImportError as exc:  # a vLLM release moved an internal it needs
-                reason = f"its vLLM internals cannot be imported ({exc})"
+            except VLLMContractError as exc:  # a vLLM release moved an internal it needs
+                reason = f"a vLLM internal it needs changed ({exc})"
             else:
                 fast, reason = apply_cpu.build_fast_reloader(worker.model_runner.get_model())
         if fast is None:
