@@ -28,6 +28,11 @@ README = (Path(__file__).parents[1] / "README.md").read_text()
     ({"fp32_head": "fp16"}, "rl_compat.fp32_head='fp16' is not valid; accepted values: "
                             "'compute', 'weights', 'off'"),
     ([("strict", True)], "additional_config['rl_compat'] must be a dict"),
+    ({"prefix_cache": "on"}, "rl_compat.prefix_cache='on' is not valid; accepted values: "
+                             "'off', 'versioned'"),
+    ({"prefix_cache": "versioned", "weight_sync": False},
+     "rl_compat.prefix_cache='versioned' keys the cache by weight version, which comes "
+     "from weight updates: it needs rl_compat.weight_sync=true"),
 ])
 def test_bad_options_name_key_and_value(raw, needle) -> None:
     with pytest.raises(ValueError) as err:
@@ -141,6 +146,15 @@ def test_switched_off_fix_leaves_setting_alone(tiny_model) -> None:
     assert config.cache_config.enable_prefix_caching is True
     assert config.model_config.logprobs_mode == "raw_logprobs"
     assert config.scheduler_config.async_scheduling is False
+
+
+def test_versioned_prefix_cache_turns_caching_on(tiny_model) -> None:
+    args = _args(tiny_model, additional_config={"rl_compat": {"prefix_cache": "versioned"}})
+    assert args.create_engine_config().cache_config.enable_prefix_caching is True
+    args = _args(tiny_model, enable_prefix_caching=False,
+                 additional_config={"rl_compat": {"prefix_cache": "versioned", "strict": True}})
+    _create_fails(args, r"enable_prefix_caching=False was set explicitly, but RL mode "
+                        r"\(rl_compat\.prefix_cache='versioned'\) uses enable_prefix_caching=True")
 
 
 def test_switch_reaches_ray_workers(monkeypatch) -> None:

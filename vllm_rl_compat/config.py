@@ -19,6 +19,7 @@ CONFIG_KEY = "rl_compat"
 
 FP32_HEAD_MODES = ("compute", "weights", "off")
 FP32_HEAD_IMPLS = ("auto", "triton", "brgemm", "blocked", "torch")
+PREFIX_CACHE_MODES = ("off", "versioned")
 
 
 def _opt(default: Any, help: str, choices: tuple[Any, ...] | None = None) -> Any:
@@ -39,6 +40,12 @@ class RLCompatConfig:
     disable_prefix_caching: bool = _opt(
         True, "Fix 2: prefix caching off, so no request reuses KV computed "
         "before a weight update.")
+    prefix_cache: str = _opt(
+        "off", "Prefix caching in RL mode: `off` (`disable_prefix_caching` decides; "
+        "default off) or `versioned`: caching on, every block keyed by the weight "
+        "version its request was admitted under, so requests share prompt KV "
+        "within a version and never across an update (needs `weight_sync`).",
+        PREFIX_CACHE_MODES)
     disable_async_scheduling: bool = _opt(
         True, "Fix 2: async scheduling off, so weight updates land at a step "
         "boundary.")
@@ -52,8 +59,9 @@ class RLCompatConfig:
         "model-dtype weights, no fp32 weight copy; `weights`: the head weight "
         "is held in fp32; `off`: model-dtype head.", FP32_HEAD_MODES)
     fp32_head_impl: str = _opt(
-        "auto", "Projection implementation: `auto` (Triton kernel on CUDA; on "
-        "CPU, for bf16 weights, oneDNN's bf16 brgemm where the CPU has AMX, else "
+        "auto", "Projection implementation: `auto` (on CUDA cuBLAS "
+        "`torch.mm(out_dtype=float32)` when activations and weight share a dtype, "
+        "else the Triton kernel; on CPU, for bf16 weights, oneDNN's bf16 brgemm where the CPU has AMX, else "
         "the `blocked` kernel; the chunked torch path for fp32 weights), "
         "`triton`, `brgemm`, `blocked`, `torch`.", FP32_HEAD_IMPLS)
     weight_version_start: int = _opt(
@@ -70,7 +78,13 @@ class RLCompatConfig:
                 f"additional_config[{CONFIG_KEY!r}] must be a dict of options, "
                 f"got {type(raw).__name__}: {raw!r}"
             )
-        return cls(**{key: _validate(key, value) for key, value in raw.items()})
+        cfg = cls(**{key: _validate(key, value) for key, value in raw.items()})
+        if cfg.prefix_cache == "versioned" and not cfg.weight_sync:
+            raise ValueError(
+                f"{CONFIG_KEY}.prefix_cache='versioned' keys the cache by weight version, "
+                f"which comes from weight updates: it needs {CONFIG_KEY}.weight_sync=true "
+                f"(got false).")
+        return cfg
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}

@@ -64,6 +64,10 @@ class EnforcedSetting:
     unset: Any  # vLLM's default: the user did not choose
     read_final: Callable[["VllmConfig"], Any]
     accepts: Callable[[Any], bool] | None = None  # other values that satisfy it
+    when: Callable[[RLCompatConfig], bool] | None = None  # default: the ``fix`` flag
+
+    def applies(self, cfg: RLCompatConfig) -> bool:
+        return self.when(cfg) if self.when is not None else bool(getattr(cfg, self.fix))
 
     def satisfied(self, current: Any) -> bool:
         if self.accepts is not None:
@@ -75,7 +79,11 @@ SETTINGS: tuple[EnforcedSetting, ...] = (
     EnforcedSetting("logprobs_mode", "processed_logprobs", "processed_logprobs",
                     "raw_logprobs", lambda c: c.model_config.logprobs_mode),
     EnforcedSetting("enable_prefix_caching", "disable_prefix_caching", False, None,
-                    lambda c: c.cache_config.enable_prefix_caching),
+                    lambda c: c.cache_config.enable_prefix_caching,
+                    when=lambda cfg: cfg.disable_prefix_caching and cfg.prefix_cache == "off"),
+    EnforcedSetting("enable_prefix_caching", "prefix_cache", True, None,
+                    lambda c: c.cache_config.enable_prefix_caching,
+                    when=lambda cfg: cfg.prefix_cache == "versioned"),
     EnforcedSetting("async_scheduling", "disable_async_scheduling", False, None,
                     lambda c: c.scheduler_config.async_scheduling),
     EnforcedSetting("worker_extension_cls", "weight_sync", WORKER_EXTENSION, "",
@@ -93,12 +101,14 @@ ARGS_HOOKS: list[ArgsHook] = []
 
 def enforced(cfg: RLCompatConfig) -> list[EnforcedSetting]:
     """The settings this configuration enforces."""
-    return [s for s in SETTINGS if getattr(cfg, s.fix)]
+    return [s for s in SETTINGS if s.applies(cfg)]
 
 
-def _conflict_message(s: EnforcedSetting, current: Any) -> str:
+def _conflict_message(s: EnforcedSetting, current: Any, cfg: RLCompatConfig) -> str:
+    option = getattr(cfg, s.fix)
+    shown = str(option).lower() if isinstance(option, bool) else repr(option)
     return (f"{s.arg}={current!r} was set explicitly, but RL mode "
-            f"({CONFIG_KEY}.{s.fix}=true) uses {s.arg}={s.value!r}")
+            f"({CONFIG_KEY}.{s.fix}={shown}) uses {s.arg}={s.value!r}")
 
 
 def prepare_engine_args(args: "EngineArgs") -> tuple[RLCompatConfig, list[str]]:
@@ -113,7 +123,7 @@ def prepare_engine_args(args: "EngineArgs") -> tuple[RLCompatConfig, list[str]]:
             if not s.satisfied(getattr(args, s.arg))]
     explicit = [(s, cur) for s, cur in todo if cur != s.unset]
     if explicit and cfg.strict:
-        raise ValueError("; ".join(_conflict_message(s, cur) for s, cur in explicit)
+        raise ValueError("; ".join(_conflict_message(s, cur, cfg) for s, cur in explicit)
                          + f". Remove the argument or set {CONFIG_KEY}.strict=false.")
     for s, cur in explicit:
         if s.arg == "worker_extension_cls":
@@ -134,7 +144,7 @@ def prepare_engine_args(args: "EngineArgs") -> tuple[RLCompatConfig, list[str]]:
 def log_summary(vllm_config: "VllmConfig", cfg: RLCompatConfig, extras: list[str]) -> None:
     """One start-up line with the effective values, read from the final config."""
     values = [f"{s.arg}={s.read_final(vllm_config)!r}" for s in enforced(cfg)]
-    off = [s.fix for s in SETTINGS if not getattr(cfg, s.fix)]
+    off = [fix for fix in dict.fromkeys(s.fix for s in SETTINGS) if getattr(cfg, fix) is False]
     logger.info("RL mode on: %s%s", ", ".join(values + extras),
                 f"; switched off: {', '.join(off)}" if off else "")
 

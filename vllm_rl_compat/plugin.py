@@ -24,7 +24,7 @@ def register() -> None:
 
 @functools.lru_cache(maxsize=None)
 def _register_once() -> None:
-    from vllm_rl_compat import engine_settings, fp32_head, seeded_sampling
+    from vllm_rl_compat import engine_settings, fp32_head, prefix_cache, seeded_sampling
     from vllm_rl_compat.weights import (
         http,
         native,
@@ -41,6 +41,7 @@ def _register_once() -> None:
     seeded_sampling.install()
     registry.register()
     versions.install_version_label()
+    prefix_cache.install()
     native.install()
     http.install()
     openai_versions.install()

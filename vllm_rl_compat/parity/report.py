@@ -55,6 +55,9 @@ class RowDef:
 ROWS: dict[str, RowDef] = {row.key: row for row in (
     RowDef("stock", "stock", False, note="plugin off (VLLM_RL_COMPAT=0)"),
     RowDef(RL_ROW, "rl", True, note="all fixes on"),
+    RowDef("rl-versioned_cache", "rl + versioned cache", True, {"prefix_cache": "versioned"},
+           note="prefix caching on, keyed by weight version (the row's weight reload "
+                "bumps the version before sampling)"),
     RowDef("rl-processed_logprobs", "rl - processed_logprobs", True,
            {"processed_logprobs": False}, note="raw logprobs (ignore temperature)"),
     RowDef("rl-v1_defaults", "rl - v1_defaults", True,

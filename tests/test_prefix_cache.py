@@ -1,0 +1,118 @@
+"""Versioned prefix caching (``rl_compat.prefix_cache="versioned"``): two engines.
+
+The hazard, shown and then removed: the same long prompt before and after a
+weight update. With stock prefix caching (``disable_prefix_caching: false``)
+the post-update request hits blocks computed under the old weights and its
+logprobs differ from the new weights' (the stale hit, asserted); with the
+versioned cache it misses, equals a cache-free computation on the new weights
+bit for bit, and later requests of the new version hit again. Within one
+version, the n = 8 children of a long prompt share its blocks (vLLM's own
+prefix-cache counters); a user's ``cache_salt`` still separates users.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from test_weight_sync import EAGER, make_llm, shutdown
+
+pytestmark = pytest.mark.engine
+
+PROMPT = [(7 * i) % 40000 + 100 for i in range(300)]  # several full blocks
+OTHER = [(11 * i) % 40000 + 100 for i in range(300)]
+
+
+def _gen(llm: Any, prompt: list[int], salt: str | None = None, n: int = 1) -> Any:
+    from vllm import SamplingParams
+
+    item: dict[str, Any] = {"prompt_token_ids": prompt}
+    if salt is not None:
+        item["cache_salt"] = salt
+    params = SamplingParams(max_tokens=4, temperature=1.0, seed=7, logprobs=0, n=n)
+    return llm.generate([item], params, use_tqdm=False)[0]
+
+
+def _sample(out: Any) -> list[tuple[int, float]]:
+    c = out.outputs[0]
+    return [(t, lp[t].logprob) for t, lp in zip(c.token_ids, c.logprobs)]
+
+
+def _counters(llm: Any) -> dict[str, int]:
+    names = ("vllm:prefix_cache_queries", "vllm:prefix_cache_hits")
+    return {m.name: m.value for m in llm.get_metrics() if m.name in names}
+
+
+@pytest.fixture(scope="module")
+def engines(tiny_model) -> Any:
+    from vllm_rl_compat.weight_sync import WeightSync
+
+    a, b = tiny_model("llama-untied", 0), tiny_model("llama-untied", 1)
+    plain = make_llm(a, additional_config={"rl_compat": {"disable_prefix_caching": False}},
+                     **EAGER)
+    versioned = make_llm(a, additional_config={"rl_compat": {"prefix_cache": "versioned"}},
+                         disable_log_stats=False, **EAGER)
+    yield {"b": b, "plain": (plain, WeightSync(plain)),
+           "versioned": (versioned, WeightSync(versioned))}
+    shutdown(plain)
+    shutdown(versioned)
+
+
+def _before_and_after_update(llm: Any, sync: Any, b: str) -> tuple[Any, Any]:
+    """The prompt under A (cached), then under B right after the update."""
+    _gen(llm, PROMPT)
+    warm = _gen(llm, PROMPT)
+    assert warm.num_cached_tokens > 0  # prefix caching is on in both engines
+    sync.update_from_files(b)
+    return warm, _gen(llm, PROMPT)
+
+
+def test_versioned_cache_is_exact_across_an_update(engines) -> None:
+    b = engines["b"]
+    plain, plain_sync = engines["plain"]
+    versioned, versioned_sync = engines["versioned"]
+    assert plain.llm_engine.vllm_config.cache_config.enable_prefix_caching
+    assert versioned.llm_engine.vllm_config.cache_config.enable_prefix_caching
+
+    _, stale = _before_and_after_update(plain, plain_sync, b)
+    plain.reset_prefix_cache()  # nothing cached: the new weights' own numbers
+    fresh_b = _gen(plain, PROMPT)
+    assert fresh_b.num_cached_tokens == 0
+    # The hazard: stock caching reuses KV computed under the old weights.
+    assert stale.num_cached_tokens > 0 and _sample(stale) != _sample(fresh_b)
+
+    _, after = _before_and_after_update(versioned, versioned_sync, b)
+    assert after.num_cached_tokens == 0
+    assert _sample(after) == _sample(fresh_b)  # bit for bit
+    again = _gen(versioned, PROMPT)  # the new version's blocks are shared again
+    assert again.num_cached_tokens > 0
+    assert [v for v, _, _ in _versions(after)] == [versioned_sync.version]
+
+
+def _versions(out: Any) -> list[tuple[Any, int, int]]:
+    from vllm_rl_compat.weight_sync import token_versions
+
+    return token_versions(out.outputs[0])
+
+
+def test_n_children_share_the_prompt(engines) -> None:
+    versioned, _ = engines["versioned"]
+    block = versioned.llm_engine.vllm_config.cache_config.block_size
+    before = _counters(versioned)
+    out = _gen(versioned, OTHER, n=8)
+    assert len(out.outputs) == 8
+    after = _counters(versioned)
+    hits = after["vllm:prefix_cache_hits"] - before["vllm:prefix_cache_hits"]
+    queries = after["vllm:prefix_cache_queries"] - before["vllm:prefix_cache_queries"]
+    assert queries >= 8 * len(OTHER) - 8  # every child looked the prompt up
+    assert hits >= 7 * (len(OTHER) - block)  # computed once, read by the other 7
+
+
+def test_user_salt_still_separates_users(engines) -> None:
+    versioned, _ = engines["versioned"]
+    prompt = [(13 * i) % 40000 + 100 for i in range(300)]
+    assert _gen(versioned, prompt, salt="alice").num_cached_tokens == 0
+    assert _gen(versioned, prompt, salt="alice").num_cached_tokens > 0
+    assert _gen(versioned, prompt, salt="bob").num_cached_tokens == 0
+    assert _gen(versioned, prompt).num_cached_tokens == 0  # no salt: another key again

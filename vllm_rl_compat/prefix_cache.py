@@ -1,0 +1,105 @@
+"""Versioned prefix caching (option ``rl_compat.prefix_cache="versioned"``).
+
+Why: RL mode turns prefix caching off because a cached block may hold KV
+computed under older weights, and vLLM offers only "clear everything" after
+an update (which cannot run while requests kept across the update hold
+blocks). GRPO-style rollouts sample n completions per prompt, so with
+caching off every one of the n recomputes the prompt. Keying every block by
+the weight version makes caching safe: a request admitted under version v can
+only hit blocks computed by requests admitted under v.
+
+How (engine core process only): vLLM already mixes a request's
+``cache_salt`` into the hash of its first block, and every later block hash
+chains from it. ``EngineCore.add_request`` is wrapped to salt each request,
+``n > 1`` children included (they are separate engine-core requests), with
+the current weight version (combined with the user's own salt, which still
+separates users), and ``EngineCore.set_weight_version`` (where every update's
+version lands, while generation is paused) re-salts the requests still
+waiting in the scheduler, so a request queued during an update is keyed by
+the version it will run under. Running requests kept across an update (keep
+mode) keep their own KV and salt; new requests cannot reach their blocks.
+
+Old-version blocks need no eviction code: once an update lands nothing can
+hit them, so vLLM's LRU free queue reaches them before any block a current
+request touched.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+SALT_PREFIX = "rl_compat/weights="
+_USER_SALT = "_rl_compat_user_salt"  # request.__dict__ key: the salt the user sent
+
+
+def salt_for(version: str, user_salt: str | None) -> str:
+    """The cache salt of a request admitted under ``version``."""
+    return f"{SALT_PREFIX}{version};{user_salt}" if user_salt else f"{SALT_PREFIX}{version}"
+
+
+def salt_request(request: Any, version: str) -> None:
+    """Key ``request``'s blocks by ``version``; recompute its block hashes if changed."""
+    user = request.__dict__.setdefault(_USER_SALT, request.cache_salt)
+    salt = salt_for(version, user)
+    if request.cache_salt == salt:
+        return
+    request.cache_salt = salt
+    request.block_hashes = []  # the hasher appends from len(block_hashes)
+    request.update_block_hashes()
+
+
+def _current_salt_version(core: Any) -> str | None:
+    """The version new requests are keyed by; ``None`` when the option is off.
+
+    ``"default"`` (vLLM's label before the first step) is the configured start
+    version, as ``versions.install_version_label`` will report it. The option
+    is read once per engine core.
+    """
+    start = core.__dict__.get("_rl_compat_salt_start", _UNSET)
+    if start is _UNSET:
+        from vllm_rl_compat.config import rl_config_from_additional
+
+        cfg = rl_config_from_additional(core.vllm_config.additional_config)
+        start = str(cfg.weight_version_start) if cfg.prefix_cache == "versioned" else None
+        core.__dict__["_rl_compat_salt_start"] = start
+    if start is None:
+        return None
+    label = core._weight_version
+    return start if label == "default" else str(label)
+
+
+_UNSET = object()
+
+
+def _wrap_add_request(original: Any) -> Any:
+    def add_request(self: Any, request: Any, *args: Any, **kwargs: Any) -> Any:
+        version = _current_salt_version(self)
+        if version is not None:
+            salt_request(request, version)
+        return original(self, request, *args, **kwargs)
+    return add_request
+
+
+def _wrap_set_weight_version(original: Any) -> Any:
+    def set_weight_version(self: Any, weight_version: str, *args: Any, **kwargs: Any) -> Any:
+        result = original(self, weight_version, *args, **kwargs)
+        version = _current_salt_version(self)
+        if version is not None:
+            # Not yet started: keyed by the version they will run under.
+            # (Requests holding KV blocks from a connector are left alone.)
+            for request in self.scheduler.waiting:
+                if request.num_computed_tokens == 0:
+                    salt_request(request, version)
+        return result
+    return set_weight_version
+
+
+def install() -> None:
+    """Wrap the engine core's admission and version change (idempotent)."""
+    from vllm_rl_compat.patching import patch_method, when_imported
+
+    def apply(module: Any) -> None:
+        patch_method(module.EngineCore, "add_request", _wrap_add_request)
+        patch_method(module.EngineCore, "set_weight_version", _wrap_set_weight_version)
+
+    when_imported("vllm.v1.engine.core", apply)
