@@ -57,4 +57,4 @@ def stock_check(self: Any) -> dict[str, Any]:
                for h, o in recs)
     return {"cls": type(lp).__name__, "dtypes": sorted({str(o.dtype) for _, o in recs}),
             "stock_equal": same,
-            "patched": "LogitsProcessor" in op_registry_oot or wrapped_now()}
+            "patched": "LogitsProcessor" in op_registry_oot or bool(wrapped_now())}

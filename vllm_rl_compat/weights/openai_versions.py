@@ -51,7 +51,6 @@ server fails to start instead of silently serving without spans.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 from typing import Any, AsyncIterator, Callable
@@ -67,15 +66,12 @@ _SSE_PREFIX = "data: "
 
 
 def install() -> None:
-    """Patch vLLM's OpenAI completion/chat serving now or when imported (idempotent)."""
-    for name in (COMPLETION_MODULE, CHAT_MODULE):
-        try:
-            found = importlib.util.find_spec(name) is not None
-        except ModuleNotFoundError:
-            found = False
-        if not found:
-            raise RuntimeError(f"vllm-rl-compat cannot add {FIELD} to OpenAI responses: "
-                               f"module {name} does not exist in this vLLM version")
+    """Patch vLLM's OpenAI completion/chat serving when imported (idempotent).
+
+    Only the API server imports those modules, so no other process pays for
+    them; that the symbols exist is ``contract.ENTRIES``' job (checked when
+    they are patched, and by ``vllm-rl-compat contract``).
+    """
     when_imported(COMPLETION_MODULE, _patch_completion)
     when_imported(CHAT_MODULE, _patch_chat)
 

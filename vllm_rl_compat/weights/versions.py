@@ -62,9 +62,20 @@ def install_version_label() -> None:
 
     def wrap(original: Any) -> Any:
         def _attach_weight_version(self: Any, outputs: Any) -> None:
-            if self._weight_version == "default" and weight_sync_on(self.vllm_config):
-                self._weight_version = str(version_start(self.vllm_config))
+            if self._weight_version == "default":
+                start = _start_label(self)
+                if start is not None:
+                    self._weight_version = start
             original(self, outputs)
         return _attach_weight_version
 
     patch_method(EngineCore, "_attach_weight_version", wrap)
+
+
+def _start_label(core: Any) -> str | None:
+    """The first label of this engine core (``None``: weight_sync off), read once."""
+    if "_rl_compat_start_label" not in core.__dict__:
+        config = core.vllm_config
+        core.__dict__["_rl_compat_start_label"] = (
+            str(version_start(config)) if weight_sync_on(config) else None)
+    return core.__dict__["_rl_compat_start_label"]
