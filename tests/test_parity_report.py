@@ -132,6 +132,123 @@ def _run_cli(capsys: pytest.CaptureFixture, *argv: str) -> tuple[int, str]:
     return code, capsys.readouterr().err
 
 
+# ------------------------------------------------------------- check --layers
+PERTURBED_LAYER = 1  # of the tiny model's 2 decoder layers
+
+
+def _run_check(model: Path, out: Path, *extra: str) -> dict:
+    """``check --rows rl`` with check_run's sampling settings, plus ``extra``."""
+    cmd = [sys.executable, "-m", "vllm_rl_compat.parity.command", "--model", str(model),
+           "--rows", "rl", "--num-prompts", str(NUM_PROMPTS), "--max-tokens", str(MAX_TOKENS),
+           "--temperature", str(TEMPERATURE), "--out", str(out), *extra]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "COLUMNS": "200"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return {"proc": proc, "report": json.loads((out / "report.json").read_text()),
+            "layers": json.loads((out / "layers.json").read_text())
+            if (out / "layers.json").exists() else None}
+
+
+def _perturbed_copy(src: Path, other: Path, dst: Path) -> Path:
+    """``src`` with one decoder layer's weights taken from ``other`` (a weight
+    sync that missed a layer). Why a whole layer: in the tiny random model a
+    layer changes the residual stream by under 1%, so a few-percent change of
+    its weights moves the stream less than bf16 rounding does (below the
+    floor, undetectable by construction); a whole foreign layer moves it
+    about 3x the floor."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, dst)
+    (path,) = dst.glob("*.safetensors")
+    (foreign,) = Path(other).glob("*.safetensors")
+    state, theirs = load_file(str(path)), load_file(str(foreign))
+    prefix = f"model.layers.{PERTURBED_LAYER}."
+    state.update({k: v for k, v in theirs.items() if k.startswith(prefix)})
+    save_file(state, str(path), metadata={"format": "pt"})
+    return dst
+
+
+@pytest.fixture(scope="module")
+def layer_runs(llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """Two ``--layers`` runs: the engine on a perturbed copy against the
+    original as the trainer's checkpoint, and the same model on both sides."""
+    tmp = tmp_path_factory.mktemp("layers")
+    perturbed = _perturbed_copy(llama_dir, models.tiny_model_dir("llama-untied", seed=1),
+                                tmp / "perturbed")
+    return {"perturbed": _run_check(perturbed, tmp / "out_p", "--layers",
+                                    "--reference-model", str(llama_dir)),
+            "same": _run_check(llama_dir, tmp / "out_s", "--layers")}
+
+
+@pytest.mark.engine
+def test_layers_find_the_perturbed_layer(layer_runs: dict) -> None:
+    row = layer_runs["perturbed"]["layers"]["rows"]["rl"]
+    names = [e["name"] for e in row["layers"]]
+    assert names == ["layer.0", "layer.1", "final_norm", "logits"]
+    assert row["first_diverging_layer"] == f"layer.{PERTURBED_LAYER}"
+    factor = layer_runs["perturbed"]["layers"]["floor_factor"]
+    for entry in row["layers"][:PERTURBED_LAYER]:  # before it: at the rounding floor
+        assert entry["rel_err_median"] <= factor * entry["floor"], entry
+    assert "first div. layer" in layer_runs["perturbed"]["proc"].stdout
+    assert "layer.1" in layer_runs["perturbed"]["proc"].stdout
+
+
+@pytest.mark.engine
+def test_layers_same_model_flags_nothing(layer_runs: dict) -> None:
+    """bf16 reference: the engine and the trainer are two bf16 implementations,
+    each within about one rounding of the fp32 pass, so every slot stays
+    under the factor times the floor; the error grows with depth."""
+    row = layer_runs["same"]["layers"]["rows"]["rl"]
+    assert row["first_diverging_layer"] is None, row
+    assert all(e["rel_err_median"] > 0 for e in row["layers"])
+
+
+@pytest.mark.engine
+def test_layers_change_no_engine_number(layer_runs: dict, check_run: dict) -> None:
+    """The same rl row with and without --layers: identical tokens and metrics."""
+    with_layers = layer_runs["same"]["report"]["rows"][0]
+    without = check_run["rows"]["rl"]
+    assert [s["token_ids"] for s in with_layers["sequences"]] == \
+        [s["token_ids"] for s in without["sequences"]]
+    assert [s["infer_logprobs"] for s in with_layers["sequences"]] == \
+        [s["infer_logprobs"] for s in without["sequences"]]
+    for key in ("mean_abs_dlogp", "kl_k3", "clip_rate", "max_abs_dp"):
+        assert with_layers[key] == without[key], key
+
+
+def test_reference_model_with_another_tokenizer(capsys: pytest.CaptureFixture,
+                                                llama_dir: Path, tmp_path: Path) -> None:
+    import shutil
+
+    other = tmp_path / "other"
+    shutil.copytree(llama_dir, other)
+    vocab = json.loads((other / "tokenizer.json").read_text())
+    model = vocab["model"]["vocab"]
+    first = next(iter(model))
+    model["zz_renamed_token"] = model.pop(first)
+    (other / "tokenizer.json").write_text(json.dumps(vocab))
+    code = command.main(["--model", str(llama_dir), "--reference-model", str(other)])
+    assert code == 2
+    assert "its tokenizer differs from --model" in capsys.readouterr().err
+
+
+def test_reference_model_with_another_layer_count(capsys: pytest.CaptureFixture,
+                                                  llama_dir: Path, tmp_path: Path) -> None:
+    import shutil
+
+    other = tmp_path / "deeper"
+    shutil.copytree(llama_dir, other)
+    config = json.loads((other / "config.json").read_text())
+    config["num_hidden_layers"] += 1
+    (other / "config.json").write_text(json.dumps(config))
+    code = command.main(["--model", str(llama_dir), "--reference-model", str(other),
+                         "--layers"])
+    assert code == 2
+    assert "has 3 decoder layers, --model 2" in capsys.readouterr().err
+
+
 def test_missing_model_path(capsys: pytest.CaptureFixture, tmp_path: Path) -> None:
     missing = tmp_path / "no-such-model"
     code, err = _run_cli(capsys, "--model", str(missing))

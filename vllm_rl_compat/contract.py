@@ -114,6 +114,12 @@ ENTRIES: tuple[Entry, ...] = (
           "fast CPU apply", optional=True),
     Entry(f"{_RELOAD}.meta:CopyCounter", "import", "fast CPU apply", optional=True),
     Entry(f"{_RELOAD}.sanitize:layer_ref_sentinel", "import", "fast CPU apply", optional=True),
+    # check --layers (parity.capture, an opt-in diagnostic)
+    Entry("vllm.v1.worker.gpu_model_runner:GPUModelRunner.execute_model", "wrap",
+          "check --layers: the step's scheduler output (wrapped on one runner instance)",
+          ("self", "scheduler_output")),
+    Entry("vllm.v1.worker.gpu_input_batch:InputBatch", "call",
+          "check --layers: req_ids, num_computed_tokens_cpu, num_prompt_tokens per row"),
     # HTTP
     Entry("vllm.plugins:load_endpoint_plugins", "wrap", "mount the guarded RL routes"),
     *(Entry(f"vllm.entrypoints.rl.online.api_router:{n}", "call", "served behind the token")

@@ -172,6 +172,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
              f"METRIC one of: {', '.join(m for m in METRIC_NAMES if m not in HIGHER_IS_BETTER)}")
     add("--max-model-len", type=int, default=1024, help="engine max_model_len (default 1024)")
     add("--kv-cache-gib", type=int, default=1, help="VLLM_CPU_KVCACHE_SPACE per engine (GiB)")
+    add("--layers", action="store_true",
+        help="also compare the engine's hidden state after every decoder layer, its "
+             "final norm and logits with the trainer's (layers.json, layers.png, a first "
+             "diverging layer per row)")
+    add("--reference-model", type=Path, default=None, metavar="PATH",
+        help="the trainer's checkpoint, when it is not --model (same tokenizer)")
     add("--compile", action="store_true",
         help="let vLLM torch.compile the model (default: enforce_eager; compiling "
              "made engine start-up 3.5x slower on CPU for the same decode speed)")
@@ -205,6 +211,7 @@ def _build_config(args: argparse.Namespace, thresholds: list[Threshold]) -> Any:
                               f"which --rows leaves out")
     _check_numbers(args)
     model = _resolve_model(args.model)
+    reference_model = _check_reference_model(args.reference_model, model, args.layers)
     texts = read_prompt_file(args.prompts) if args.prompts else list(BUILTIN_PROMPTS)
     texts = texts[: args.num_prompts]
     prompts = tokenize_prompts(model, texts)
@@ -215,7 +222,8 @@ def _build_config(args: argparse.Namespace, thresholds: list[Threshold]) -> Any:
         top_k=args.top_k, max_tokens=args.max_tokens, seed=args.seed,
         epsilon=args.epsilon, reference=args.reference,
         max_model_len=max_len, kv_cache_gib=args.kv_cache_gib, out=args.out,
-        enforce_eager=not args.compile,
+        enforce_eager=not args.compile, layers=args.layers,
+        reference_model=None if reference_model is None else str(reference_model),
     )
 
 
@@ -250,6 +258,32 @@ def _fit_max_model_len(model: Path, wanted: int, prompts: list[list[int]],
         raise CheckInputError(f"longest prompt + --max-tokens is {longest} tokens, "
                               f"more than max_model_len {max_len}")
     return max_len
+
+
+def _check_reference_model(path: Path | None, model: Path, layers: bool) -> Path | None:
+    """``--reference-model``: a model folder with the engine model's tokenizer
+    (and, for ``--layers``, its number of decoder layers)."""
+    if path is None:
+        return None
+    if not (path / "config.json").is_file():
+        raise CheckInputError(f"--reference-model {str(path)!r}: not a Hugging Face model "
+                              f"folder (no config.json)")
+    from transformers import AutoTokenizer
+
+    ours, theirs = (AutoTokenizer.from_pretrained(str(p)).get_vocab() for p in (model, path))
+    if ours != theirs:
+        differ = len(set(ours.items()) ^ set(theirs.items()))
+        raise CheckInputError(f"--reference-model {str(path)!r}: its tokenizer differs from "
+                              f"--model {str(model)!r}'s ({len(theirs)} vs {len(ours)} tokens, "
+                              f"{differ} entries differ); the same token ids must mean the "
+                              f"same text on both sides")
+    if layers:
+        counts = [json.loads((p / "config.json").read_text()).get("num_hidden_layers")
+                  for p in (model, path)]
+        if counts[0] != counts[1]:
+            raise CheckInputError(f"--layers: --reference-model {str(path)!r} has "
+                                  f"{counts[1]} decoder layers, --model {counts[0]}")
+    return path
 
 
 def _resolve_model(model: Path | None) -> Path:

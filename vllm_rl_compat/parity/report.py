@@ -94,6 +94,12 @@ class CheckConfig:
     kv_cache_gib: int = 1
     enforce_eager: bool = True
     out: Path = Path("rl-compat-report")
+    layers: bool = False  # ``--layers``: per-layer comparison (``parity.layers``)
+    reference_model: str | None = None  # the trainer's checkpoint, if not ``model``
+
+    @property
+    def trainer_model(self) -> str:
+        return self.reference_model or self.model
 
 
 @dataclass
@@ -104,12 +110,16 @@ class RowResult:
     rollout: RolloutResult
     train_logprobs: list[list[float]]
     metrics: MismatchMetrics
+    layers: dict[str, Any] | None = None  # ``--layers``: this row's layers.json entry
 
     def summary(self) -> dict[str, Any]:
         """Flat row for the table, CSV and JSON."""
-        return {"row": self.row.label, **self.metrics.as_dict(),
-                "tokens_per_s": round(self.rollout.tokens_per_s, 2),
-                "engine_start_s": round(self.rollout.engine_start_s, 1)}
+        out = {"row": self.row.label, **self.metrics.as_dict(),
+               "tokens_per_s": round(self.rollout.tokens_per_s, 2),
+               "engine_start_s": round(self.rollout.engine_start_s, 1)}
+        if self.layers is not None:
+            out["first_diverging_layer"] = self.layers["first_diverging_layer"] or "none"
+        return out
 
 
 Progress = Callable[[str], None]
@@ -125,24 +135,58 @@ def run_check(cfg: CheckConfig, progress: Progress = lambda msg: None) -> list[R
         f"row {i + 1}/{len(items)}: {ROWS[key].label} (engine start + generate)"))
     progress(f"scoring with the trainer reference ({cfg.reference})")
     spec = SamplingSpec(cfg.temperature, cfg.top_p, cfg.top_k)
-    scorer = ReferenceScorer(cfg.model, cfg.reference, cfg.dtype, spec)
+    scorer = ReferenceScorer(cfg.trainer_model, cfg.reference, cfg.dtype, spec)
     results = []
     for key, rollout in zip(cfg.rows, rollouts):
         train = scorer.score_many(zip(cfg.prompts, rollout.token_ids))
         metrics = compute_metrics(train, rollout.logprobs, cfg.epsilon)
         results.append(RowResult(ROWS[key], rollout, train, metrics))
+    if cfg.layers:
+        progress("comparing hidden states layer by layer (--layers)")
+        _compare_layers(cfg, scorer, results)
     return results
+
+
+def _capture_path(cfg: CheckConfig, key: str) -> Path:
+    return cfg.out / "rows" / f"{key}.layers.pt"
+
+
+def _compare_layers(cfg: CheckConfig, scorer: ReferenceScorer,
+                    results: list[RowResult]) -> None:
+    """Each row's per-layer errors and first diverging layer (``parity.layers``);
+    the floor is measured once over the first row's tokens."""
+    import torch
+
+    from vllm_rl_compat.parity import layers
+    from vllm_rl_compat.parity.reference import _load_model, _torch_dtype, fp32_head_params
+
+    other = _load_model(cfg.trainer_model, torch.float32 if cfg.reference != "fp32"
+                        else _torch_dtype(cfg.dtype))
+    low, high = ((scorer.model, other) if cfg.reference != "fp32" else (other, scorer.model))
+    floor = layers.rounding_floor(low, high, list(zip(cfg.prompts, results[0].rollout.token_ids)),
+                                  (fp32_head_params(low), fp32_head_params(high)))
+    for res in results:
+        path = _capture_path(cfg, res.row.key)
+        captured = torch.load(path)
+        errors = layers.compare_row(captured, res.rollout.request_ids,
+                                    list(zip(cfg.prompts, res.rollout.token_ids)),
+                                    scorer.model, scorer._head)
+        res.layers = layers.summarize(errors, floor)
+        path.unlink()  # large (fp32 logits of every scored token)
 
 
 def _rollout_spec(cfg: CheckConfig, row: RowDef) -> RolloutSpec:
     """The engine run for ``row``: shared sampling settings, the row's env/kwargs."""
     env = {**row.env(), "VLLM_CPU_KVCACHE_SPACE": str(cfg.kv_cache_gib)}
+    if cfg.layers:  # the capture functions travel to the workers by collective_rpc
+        env["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"
     return RolloutSpec(
         model=str(cfg.model), prompts=cfg.prompts, temperature=cfg.temperature,
         top_p=cfg.top_p, top_k=cfg.top_k, max_tokens=cfg.max_tokens, seed=cfg.seed,
         dtype=cfg.dtype, max_model_len=cfg.max_model_len,
         enforce_eager=cfg.enforce_eager, env=env,
         engine_kwargs=row.all_engine_kwargs(), weight_roundtrip=row.weight_roundtrip,
+        capture_path=str(_capture_path(cfg, row.key)) if cfg.layers else None,
     )
 
 
@@ -167,6 +211,8 @@ def format_value(value: Any) -> str:
     """Compact numbers for the table; ``None`` (undefined) shows as n/a."""
     if value is None:
         return "n/a"
+    if isinstance(value, str):
+        return value
     if isinstance(value, int):
         return str(value)
     if value == 0:
@@ -180,11 +226,14 @@ def render_table(results: Sequence[RowResult], epsilon: float) -> Any:
 
     table = Table(title=f"train-inference mismatch (Δ = trainer - engine, ε = {epsilon})")
     table.add_column("row", style="bold")
-    for _, header in TABLE_COLUMNS:
+    columns = list(TABLE_COLUMNS)
+    if any(res.layers is not None for res in results):
+        columns.append(("first_diverging_layer", "first div. layer"))
+    for _, header in columns:
         table.add_column(header, justify="right")
     for res in results:
         summary = res.summary()
-        table.add_row(res.row.label, *(format_value(summary[k]) for k, _ in TABLE_COLUMNS))
+        table.add_row(res.row.label, *(format_value(summary.get(k)) for k, _ in columns))
     return table
 
 
@@ -197,6 +246,11 @@ def write_outputs(cfg: CheckConfig, results: Sequence[RowResult],
     paths["json"].write_text(json.dumps(_json_payload(cfg, results, elapsed_s), indent=1))
     _write_csv(paths["csv"], results)
     plot_report(results, paths["png"], cfg.epsilon)
+    if cfg.layers:
+        from vllm_rl_compat.parity.layers import write_layers
+
+        paths.update(write_layers(cfg.out, {r.row.key: r.layers for r in results},
+                                  {r.row.key: r.row.label for r in results}, cfg.reference))
     return paths
 
 

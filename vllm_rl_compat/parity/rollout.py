@@ -40,6 +40,9 @@ class RolloutSpec:
     # Reload the model's own weights through the RL weight-sync path before
     # sampling: logprobs must still match the trainer after an update.
     weight_roundtrip: bool = False
+    # ``check --layers``: record the engine's hidden states while it samples
+    # (``parity.capture``) into this file.
+    capture_path: str | None = None
 
 
 @dataclass
@@ -52,6 +55,7 @@ class RolloutResult:
     engine_start_s: float
     generate_s: float
     engine_settings: dict[str, Any]
+    request_ids: list[str] = field(default_factory=list)  # one per prompt
 
     @property
     def output_tokens(self) -> int:
@@ -194,14 +198,20 @@ def _child_main(spec_path: str, out_path: str, go_path: str | None) -> None:
                              logprobs=0, seed=spec.seed + i)
               for i in range(len(spec.prompts))]
     prompts = [TokensPrompt(prompt_token_ids=ids) for ids in spec.prompts]
+    if spec.capture_path:
+        from vllm_rl_compat.parity import capture
+
+        llm.collective_rpc(capture.install, args=(spec.max_tokens,))
     outputs = llm.generate(prompts, params, use_tqdm=False)
     done = time.perf_counter()
+    if spec.capture_path:
+        llm.collective_rpc(capture.dump, args=(spec.capture_path,))
     result = RolloutResult(
         token_ids=[list(o.outputs[0].token_ids) for o in outputs],
         logprobs=[_sampled_logprobs(o.outputs[0]) for o in outputs],
         finish_reasons=[o.outputs[0].finish_reason for o in outputs],
         engine_start_s=started - t0, generate_s=done - started,
-        engine_settings=settings,
+        engine_settings=settings, request_ids=[o.request_id for o in outputs],
     )
     Path(out_path).write_text(json.dumps(asdict(result), default=str))
 
