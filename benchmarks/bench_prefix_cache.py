@@ -121,9 +121,7 @@ def main() -> None:
         lines.append(f"| {name} | {run['tok_s']:.1f} | {run['tok_s'] / off['tok_s']:.2f}x | "
                      f"{run['tok_s'] / plain['tok_s']:.2f}x | {run['cached']} | "
                      f"{same}/{total} | {mean:.2e} |")
-    out = HERE / "results" / f"prefix_cache_{machine.cpu_kind()}.md"
-    out.write_text("\n".join(lines) + "\n")
-    print(out.read_text())
+    machine.write_results("prefix_cache", lines)
 
 
 if __name__ == "__main__":

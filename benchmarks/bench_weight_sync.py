@@ -171,9 +171,7 @@ def main() -> None:
         med = statistics.median(times)
         lines.append(f"| {name} | {med * 1e3:.0f} | {min(times) * 1e3:.0f} | "
                      f"{med / copy_s:.1f}x | {extra} |")
-    out = HERE / "results" / f"weight_sync_{machine.cpu_kind()}.md"
-    out.write_text("\n".join(lines) + "\n")
-    print(out.read_text())
+    machine.write_results("weight_sync", lines)
 
 if __name__ == "__main__":
     main()

@@ -80,3 +80,11 @@ def write_json(path: Path, results: object, load_before: str) -> None:
     """A results file's raw data, under the same header as its markdown twin."""
     path.write_text(json.dumps({"header": header_fields(load_before), "results": results},
                                indent=1))
+
+
+def write_results(stem: str, lines: list[str]) -> Path:
+    """Write ``results/<stem>_<cpu kind>.md`` (``lines`` start with ``header``), echo it."""
+    out = ROOT / "benchmarks" / "results" / f"{stem}_{cpu_kind()}.md"
+    out.write_text("\n".join(lines) + "\n")
+    print(out.read_text())
+    return out
