@@ -218,6 +218,18 @@ def test_layers_change_no_engine_number(layer_runs: dict, check_run: dict) -> No
         assert with_layers[key] == without[key], key
 
 
+@pytest.mark.engine
+@pytest.mark.parametrize("kind", ["gemma2-softcap", "qwen2-tied"])
+def test_layers_on_other_architectures(kind: str, tmp_path: Path) -> None:
+    """Gemma-style (tied, soft-capped) and Qwen2-style: the capture finds every
+    decoder layer and the same model on both sides flags nothing."""
+    run = _run_check(models.tiny_model_dir(kind), tmp_path / "out", "--layers")
+    row = run["layers"]["rows"]["rl"]
+    assert [e["name"] for e in row["layers"]] == ["layer.0", "layer.1", "final_norm",
+                                                  "logits"]
+    assert row["first_diverging_layer"] is None, row
+
+
 def test_reference_model_with_another_tokenizer(capsys: pytest.CaptureFixture,
                                                 llama_dir: Path, tmp_path: Path) -> None:
     import shutil
@@ -328,6 +340,7 @@ def test_tiny_model_kinds_have_the_promised_heads() -> None:
     assert cfg("llama-tied")["tie_word_embeddings"] is True
     assert cfg("llama-oddvocab")["vocab_size"] % 64 != 0
     assert cfg("gemma2-softcap")["final_logit_softcapping"] == 30.0
+    assert cfg("qwen2-tied")["model_type"] == "qwen2"
     for kind in ("phi-bias", "gptj-bias"):
         from safetensors import safe_open
 

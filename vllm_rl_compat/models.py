@@ -38,6 +38,7 @@ TINY_KINDS = (
     "phi-bias",
     "gptj-bias",
     "gemma2-softcap",
+    "qwen2-tied",
 )
 """Tiny model kinds: each exercises one lm_head shape vLLM handles specially."""
 
@@ -177,7 +178,8 @@ def tiny_model_dir(kind: str, seed: int = 0, progress: bool = False) -> Path:
     a multiple of 64, so vLLM pads it), ``phi-bias`` (PhiForCausalLM, lm_head
     with a bias, served by vLLM's transformers backend), ``gptj-bias``
     (GPTJForCausalLM, lm_head bias in a native vLLM model), ``gemma2-softcap``
-    (Gemma2 with final logit soft-capping).  Sizes: hidden 64, 2 layers,
+    (Gemma2 with final logit soft-capping), ``qwen2-tied`` (Qwen2, q/k/v
+    biases, tied embeddings, 2 heads).  Sizes: hidden 64, 2 layers,
     4 heads of size 32 (vLLM's CPU attention needs >= 32), 2 kv heads.
     A different ``seed`` gives the same architecture with other weights, which
     the weight-sync tests use as "new" weights.  All share the SmolLM2
@@ -252,6 +254,15 @@ def _gemma2(vocab: int) -> dict[str, Any]:
             "sliding_window": 256, "tie_word_embeddings": True, **_TINY_DIMS}
 
 
+def _qwen2(vocab: int) -> dict[str, Any]:
+    """Qwen2 (q/k/v biases), tied embeddings; 2 heads so head_dim is 32."""
+    dims = {**_TINY_DIMS, "num_attention_heads": 2, "num_key_value_heads": 1}
+    dims.pop("head_dim")
+    return {"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"],
+            "vocab_size": vocab, "tie_word_embeddings": True, "rms_norm_eps": 1e-6,
+            "rope_theta": 10000.0, **dims}
+
+
 _TINY_BUILDERS: dict[str, Callable[[int], dict[str, Any]]] = {
     "llama-untied": lambda v: _llama(v, tied=False),
     "llama-tied": lambda v: _llama(v, tied=True),
@@ -259,6 +270,7 @@ _TINY_BUILDERS: dict[str, Callable[[int], dict[str, Any]]] = {
     "phi-bias": _phi,
     "gptj-bias": _gptj,
     "gemma2-softcap": _gemma2,
+    "qwen2-tied": _qwen2,
 }
 
 
