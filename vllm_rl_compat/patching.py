@@ -1,10 +1,10 @@
 """The one way this package changes vLLM: wrap a named attribute, once.
 
-Why one helper: every vLLM internal we wrap is listed by its calls here, a
+Why one helper: every vLLM attribute it wraps must be listed in
+``contract.ENTRIES`` (checked before wrapping, so a renamed or changed symbol
+fails loudly with its name instead of leaving RL mode half-applied), and a
 second wrap of the same attribute (a plugin loaded twice, a test re-running
-``install``) is detected instead of stacking, and a missing attribute (a vLLM
-release that renamed it) fails loudly with the name instead of silently
-leaving RL mode half-applied.
+``install``) is detected by the mark on the wrapper instead of stacking.
 """
 
 from __future__ import annotations
