@@ -76,7 +76,7 @@ def test_wait_raises_within_the_deadline_in_real_time() -> None:
     with pytest.raises(bc.BroadcastError, match="timed out after 0.2 s: late"):
         bc.wait_for_event(ev, 0.2, "late")
     elapsed = time.monotonic() - start
-    assert 0.2 <= elapsed < 1.0, elapsed
+    assert 0.2 <= elapsed < 5.0, elapsed  # bounded (a loaded 2-core CI may oversleep)
     assert ev.queries > 10  # it polled, it did not block in one call
 
 
@@ -117,7 +117,7 @@ def test_cuda_group_aborts_and_raises_at_its_deadline(monkeypatch: pytest.Monkey
     start = time.monotonic()
     with pytest.raises(bc.BroadcastError) as info:
         g.broadcast(torch.empty(64, dtype=torch.uint8), 0)
-    assert time.monotonic() - start < 1.0
+    assert time.monotonic() - start < 5.0  # bounded, not NCCL's watchdog minutes
     assert str(info.value) == (
         "weight broadcast timed out after 0.2 s: the trainer (rank 0) did not send in "
         "time (a 64-byte broadcast from rank 0; or a member of the group died); the "
