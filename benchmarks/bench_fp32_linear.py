@@ -38,7 +38,7 @@ Usage: python benchmarks/bench_fp32_linear.py [--quick] [--shapes 576x49152,...]
 from __future__ import annotations
 
 import argparse
-import csv
+import json
 import os
 import platform
 import statistics
@@ -311,7 +311,7 @@ def _markdown(rows: list[Row], header: dict[str, str]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the benchmark and write ``<stem>.csv`` and ``<stem>.md`` into ``--out``."""
+    """Run the benchmark and write ``<stem>.json`` and ``<stem>.md`` into ``--out``."""
     args = _parse_args(argv)
     on_cuda = torch.cuda.is_available()
     device = torch.device("cuda" if on_cuda else "cpu")
@@ -341,12 +341,11 @@ def main(argv: list[str] | None = None) -> int:
     }
     args.out.mkdir(parents=True, exist_ok=True)
     stem = args.name or f"fp32_linear_{device.type if on_cuda else machine.cpu_kind()}"
-    with open(args.out / f"{stem}.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(asdict(rows[0])))
-        writer.writeheader()
-        writer.writerows(asdict(r) for r in rows)
+    # The raw rows carry the same header as the table (commit, CPU kind, load).
+    (args.out / f"{stem}.json").write_text(json.dumps(
+        {"header": header, "results": [asdict(r) for r in rows]}, indent=1))
     (args.out / f"{stem}.md").write_text(_markdown(rows, header))
-    print(f"wrote {args.out / stem}.csv and .md")
+    print(f"wrote {args.out / stem}.json and .md")
     return 0
 
 

@@ -1,7 +1,7 @@
 """Smoke test: the fp32_linear benchmark script runs end to end at a tiny size."""
 
-import csv
 import importlib.util
+import json
 import sys
 from pathlib import Path
 
@@ -28,7 +28,9 @@ def bench(monkeypatch):
 def test_benchmark_writes_every_provider(bench, tmp_path):
     assert bench.main(["--shapes", "64x300,129x70", "--tokens", "1,3", "--repeats", "1",
                        "--out", str(tmp_path), "--name", "smoke"]) == 0
-    rows = list(csv.DictReader(open(tmp_path / "smoke.csv")))
+    raw = json.loads((tmp_path / "smoke.json").read_text())
+    assert {"commit", "CPU", "command"} <= set(raw["header"])  # same header as the table
+    rows = raw["results"]
     assert len(rows) == 2 * 2 * len(bench.PROVIDERS)
     for (H, V) in [(64, 300), (129, 70)]:
         for T in (1, 3):
