@@ -49,26 +49,19 @@ def salt_request(request: Any, version: str) -> None:
 
 
 def _current_salt_version(core: Any) -> str | None:
-    """The version new requests are keyed by; ``None`` when the option is off.
-
-    ``"default"`` (vLLM's label before the first step) is the configured start
-    version, as ``versions.install_version_label`` will report it. The option
-    is read once per engine core.
-    """
-    start = core.__dict__.get("_rl_compat_salt_start", _UNSET)
-    if start is _UNSET:
+    """The version new requests are keyed by (``versions.current_label``);
+    ``None`` when the option is off (read once per engine core)."""
+    on = core.__dict__.get("_rl_compat_versioned_cache")
+    if on is None:
         from vllm_rl_compat.config import rl_config_from_additional
 
         cfg = rl_config_from_additional(core.vllm_config.additional_config)
-        start = str(cfg.weight_version_start) if cfg.prefix_cache == "versioned" else None
-        core.__dict__["_rl_compat_salt_start"] = start
-    if start is None:
+        on = core.__dict__["_rl_compat_versioned_cache"] = cfg.prefix_cache == "versioned"
+    if not on:
         return None
-    label = core._weight_version
-    return start if label == "default" else str(label)
+    from vllm_rl_compat.weights.versions import current_label
 
-
-_UNSET = object()
+    return current_label(core)
 
 
 def _wrap_add_request(original: Any) -> Any:

@@ -62,10 +62,7 @@ def install_version_label() -> None:
 
     def wrap(original: Any) -> Any:
         def _attach_weight_version(self: Any, outputs: Any) -> None:
-            if self._weight_version == "default":
-                start = _start_label(self)
-                if start is not None:
-                    self._weight_version = start
+            self._weight_version = current_label(self)
             original(self, outputs)
         return _attach_weight_version
 
@@ -79,3 +76,13 @@ def _start_label(core: Any) -> str | None:
         core.__dict__["_rl_compat_start_label"] = (
             str(version_start(config)) if weight_sync_on(config) else None)
     return core.__dict__["_rl_compat_start_label"]
+
+
+def current_label(core: Any) -> str:
+    """The engine core's weight version label as steps report it: vLLM's
+    ``"default"`` before the first update is ``weight_version_start`` when
+    weight_sync is on."""
+    label = core._weight_version
+    if label == "default":
+        return _start_label(core) or label
+    return str(label)
