@@ -65,16 +65,12 @@ def worker_group_rank(parallel_config: Any, rank_offset: int) -> int:
 
     Every engine's worker ``r`` of data-parallel engine ``i`` gets
     ``rank_offset + i * world_size + r`` (vLLM's own NCCL weight transfer uses
-    the same numbering). Under ``external_launcher`` vLLM's ``world_size``
-    already spans every data-parallel rank and ``rank`` is global, so the
-    index must not be added again.
+    the same numbering; ``engine_layout`` for ``external_launcher``).
     """
-    from vllm_rl_compat.weights.broadcast import group_rank
+    from vllm_rl_compat.weights.broadcast import engine_layout, group_rank
 
     pc = parallel_config
-    dp_index = pc.data_parallel_index
-    if pc.distributed_executor_backend == "external_launcher":
-        dp_index = 0
+    dp_index, _ = engine_layout(pc)
     return group_rank(rank_offset, dp_index, pc.world_size, pc.rank)
 
 

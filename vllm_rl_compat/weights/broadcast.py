@@ -364,6 +364,17 @@ def _challenge(group: Group, secret: str) -> None:
                          f"broadcast group (rank {culprit}); nothing was sent")
 
 
+def engine_layout(parallel_config: Any) -> tuple[int, int]:
+    """``(dp_index, engines)``: this engine's data-parallel index and how many
+    engines' workers the group holds, from vLLM's ``ParallelConfig``. Under
+    ``external_launcher`` vLLM's ``world_size`` already spans every
+    data-parallel rank and ``rank`` is global: one "engine" of that size."""
+    pc = parallel_config
+    if pc.distributed_executor_backend == "external_launcher":
+        return 0, 1
+    return pc.data_parallel_index, pc.data_parallel_size
+
+
 def group_rank(rank_offset: int, dp_index: int, world_size: int, rank: int) -> int:
     """Group rank of a vLLM worker: ``rank_offset + dp_index * world_size + rank``.
 
@@ -640,7 +651,6 @@ def receive_update(group: Group, validate: Callable[[Iterable], None]
                 group.broadcast(bounce[:n], 0)  # returns once the chunk is there
                 dst.copy_(bounce[:n])  # the stream is idle now: a bounded copy
             received += n
-        bounce = None
         if group.allreduce_min(1) != 1:
             raise BroadcastError("another receiver failed")
     except BroadcastError:

@@ -30,7 +30,7 @@ import threading
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-from vllm_rl_compat.weights.broadcast import DEFAULT_TIMEOUT
+from vllm_rl_compat.weights.broadcast import DEFAULT_TIMEOUT, engine_layout
 from vllm_rl_compat.weights.native import (
     abort_weight_update,
     abort_weight_update_async,
@@ -68,9 +68,7 @@ def receiver_count(vllm_config: Any) -> int:
     returns the first engine's results only.
     """
     pc = vllm_config.parallel_config
-    if pc.distributed_executor_backend == "external_launcher":
-        return pc.world_size  # already spans every data-parallel rank
-    return pc.world_size * pc.data_parallel_size
+    return pc.world_size * engine_layout(pc)[1]
 
 
 def _trainer_info(host: str, port: int, num_workers: int, secret: str, timeout: float,
