@@ -158,16 +158,11 @@ def entry_for_patch(owner: Any, name: str) -> Entry | None:
     if not module.startswith("vllm.") and module != "vllm":
         return None
     prefix = f"{getattr(owner, '__qualname__', None)}." if isinstance(owner, type) else ""
-    for target in (f"{module}:{prefix}{name}", *(f"{m}:{prefix}{name}" for m in _aliases(owner))):
-        if target in _BY_TARGET:
-            return _BY_TARGET[target]
-    raise KeyError(f"{module}:{prefix}{name} is not in vllm_rl_compat.contract.ENTRIES: list "
-                   f"every vLLM internal there before patching it")
-
-
-def _aliases(owner: Any) -> list[str]:
-    """Modules an entry may name for ``owner`` (a class re-exported elsewhere)."""
-    return [e.module for e in ENTRIES if e.qualname.split(".")[0] == getattr(owner, "__name__", "")]
+    target = f"{module}:{prefix}{name}"
+    if target not in _BY_TARGET:
+        raise KeyError(f"{target} is not in vllm_rl_compat.contract.ENTRIES: list every vLLM "
+                       f"internal there before patching it")
+    return _BY_TARGET[target]
 
 
 # ------------------------------------------------------------------ runtime
