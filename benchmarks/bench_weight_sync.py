@@ -1,22 +1,29 @@
-"""Benchmark: full weight update of SmolLM2-135M (bf16) on CPU, per source.
+"""Benchmark: full weight updates of SmolLM2-135M (bf16) on CPU under load.
 
-For each source (in-process tensors, safetensors folder, trainer broadcast
-over gloo) it runs R full updates on one offline ``LLM`` and reports the
-median pause-to-resume wall time (``WeightSync.last_pause_seconds``: one
-transaction of vLLM's RL calls: pause, receive and validate into staging,
-apply, version bump, resume) and its
-ratio to copying the same number of bytes in memory on this machine
-(``torch.Tensor.copy_`` of one flat buffer, median of 10). For the tensors
-source the time to write the shared-memory file (before the pause) is
-reported separately.
+One ``AsyncLLM`` keeps ``--streams`` streaming requests decoding the whole
+time (a finished request is replaced at once). For each source (in-process
+tensors, a safetensors folder, a trainer broadcast over gloo) and each
+staging mode (``overlapped``: staged beside the live weights while decoding,
+swapped in a short pause; ``in_pause``: everything inside the pause) it runs
+``--updates`` full updates, alternating modes, each after a quiet window of
+``--quiet`` seconds, and reports medians of:
 
-The apply path is ``vllm_rl_compat.weights.apply_cpu`` when the model
-qualifies; unless ``--no-layerwise`` is given, a second engine started with
-``VLLM_RL_COMPAT_FAST_RELOAD=0`` measures the tensors and files sources again
-through vLLM's layerwise reload, in the same run, so the two are compared
-under the same machine load.
+* stall: the longest gap between two consecutive engine steps during the
+  update (the worker's step clock, ``weights.step_clock``) minus the median
+  step time of the quiet window before it: what the update cost the engine;
+* pause-to-resume (the front end's pause, ``last_pause_seconds``);
+* end-to-end: the update call to its return, new version live (tensors:
+  includes writing the shared-memory file; broadcast: from the receive call,
+  the trainer already connected);
+* decode tok/s received by the clients during the update vs the quiet window;
+* peak extra memory: RSS of the engine's processes during the update minus
+  just before it (sampled every 10 ms);
 
-Run: ``python benchmarks/bench_weight_sync.py [--repeats 5]``; writes
+each time also as a ratio to a memcpy of the same bytes in the same run.
+The mode is chosen per update with ``VLLM_RL_COMPAT_WEIGHT_STAGING`` (read by
+the front end at each update), so both modes share one engine and its load.
+
+Run: ``python benchmarks/bench_weight_sync.py [--updates 3]``; writes
 ``benchmarks/results/weight_sync_<cpu kind>.md`` with a header naming the
 machine (``benchmarks/machine.py``). Not a test.
 """
@@ -24,21 +31,26 @@ machine (``benchmarks/machine.py``). Not a test.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
 import socket
 import statistics
 import subprocess
 import sys
+import threading
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 os.environ.setdefault("VLLM_RL_COMPAT", "1")
-os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
 
 HERE = Path(__file__).resolve().parent
 TRAINER = HERE.parent / "tests" / "weight_sync_trainer.py"
 sys.path.insert(0, str(HERE))
 import machine  # noqa: E402  (benchmarks/machine.py: the results-file header)
+
+MODES = ("overlapped", "in_pause")
 
 
 def memcpy_seconds(nbytes: int, repeats: int = 10) -> float:
@@ -71,77 +83,178 @@ def load_state(model: str) -> dict:
     return state
 
 
-def make_engine(model: str):
-    from vllm import LLM
+class RssSampler:
+    """Peak anonymous RSS of this process's children (the engine core and its
+    workers): memory they allocated, not file pages they mapped (safetensors
+    files are memory-mapped; their page cache is not what staging holds)."""
 
-    from vllm_rl_compat.weight_sync import WeightSync
+    def __init__(self, period: float = 0.01) -> None:
+        import psutil
 
-    llm = LLM(model=model, dtype="bfloat16", max_model_len=512, seed=0, enforce_eager=True)
-    return llm, WeightSync(llm)
+        self.pids = [p.pid for p in psutil.Process().children(recursive=True)]
+        self.period, self.peak, self._stop = period, 0, threading.Event()
+        self._thread: threading.Thread | None = None
 
+    def now(self) -> int:
+        total = 0
+        for pid in self.pids:
+            try:
+                with open(f"/proc/{pid}/status") as f:
+                    total += next(int(line.split()[1]) * 1024 for line in f
+                                  if line.startswith("RssAnon:"))
+            except (OSError, StopIteration):  # a helper process ended
+                pass
+        return total
 
-def timed_updates(sync, fn, repeats: int) -> list[float]:
-    times = []
-    for _ in range(repeats):
-        fn()
-        times.append(sync.last_pause_seconds)
-    return times
+    def __enter__(self) -> "RssSampler":
+        self.peak = self.now()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
 
+    def _run(self) -> None:
+        while not self._stop.wait(self.period):
+            self.peak = max(self.peak, self.now())
 
-def apply_path(sync) -> str:
-    return "fast_reload" if all(r["fast"] for r in sync.last_apply) else "layerwise reload"
-
-
-def bench_sources(model: str, state: dict, args, label: str, broadcast: bool
-                  ) -> tuple[list[tuple], object]:
-    """Rows ``(source, times, notes)`` of one engine; returns them and its sync."""
-    from vllm_rl_compat.weights.shm import remove_shm, write_shm
-
-    llm, sync = make_engine(model)
-    rows = []
-    pairs = list(state.items())
-    write_times = []
-    for _ in range(3):
-        t0 = time.perf_counter()
-        remove_shm(write_shm(pairs))
-        write_times.append(time.perf_counter() - t0)
-    times = timed_updates(sync, lambda: sync.update_from_tensors(state), args.repeats)
-    rows.append((f"in-process tensors{label}", times, f"{apply_path(sync)}; + "
-                 f"{statistics.median(write_times) * 1e3:.0f} ms shm write before the pause"))
-    times = timed_updates(sync, lambda: sync.update_from_files(model), args.repeats)
-    rows.append((f"safetensors folder{label}", times, apply_path(sync)))
-    if broadcast:
-        times = timed_updates(sync, lambda: broadcast_once(sync, model, args), args.repeats)
-        rows.append((f"trainer broadcast (gloo){label}", times,
-                     f"{apply_path(sync)}; chunks of {args.chunk_mb} MiB; staging "
-                     f"{sync.spec.total_bytes / 2**20:.0f} MiB per worker"))
-    llm.llm_engine.engine_core.shutdown()
-    return rows, sync
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self.now())
 
 
-def broadcast_once(sync, model: str, args) -> None:
+@dataclass
+class Load:
+    """Streams that keep the engine decoding; tokens logged with arrival times."""
+
+    engine: object
+    streams: int
+    max_tokens: int
+    arrivals: list[tuple[float, int]] = field(default_factory=list)
+    running: bool = True
+
+    async def stream(self, i: int) -> None:
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        params = SamplingParams(max_tokens=self.max_tokens, ignore_eos=True, temperature=1.0,
+                                output_kind=RequestOutputKind.DELTA)
+        n = 0
+        while self.running:
+            n += 1
+            async for out in self.engine.generate(f"Story {i}.{n}: once upon a time",
+                                                  params, f"load-{i}-{n}"):
+                self.arrivals.append((time.monotonic(), len(out.outputs[0].token_ids)))
+                if not self.running:
+                    break
+
+    def tok_per_s(self, t0: float, t1: float) -> float:
+        return sum(n for t, n in self.arrivals if t0 <= t < t1) / max(t1 - t0, 1e-9)
+
+
+def stall(steps: list[float], quiet: tuple[float, float], window: tuple[float, float]
+          ) -> tuple[float, float, float, list[float]]:
+    """Longest step gap touching ``window`` minus the quiet median step; that
+    median; the quiet window's own longest gap minus its median (the noise
+    floor of the measure); the gaps touching ``window``."""
+    q = [b - a for a, b in zip(steps, steps[1:]) if quiet[0] <= a and b <= quiet[1]]
+    median = statistics.median(q) if q else 0.0
+    gaps = [b - a for a, b in zip(steps, steps[1:]) if b >= window[0] and a <= window[1]]
+    return max(gaps, default=0.0) - median, median, max(q, default=0.0) - median, gaps
+
+
+async def one_update(sync, engine, load: Load, source: str, mode: str, model: str,
+                     state: dict, args) -> dict:
+    os.environ["VLLM_RL_COMPAT_WEIGHT_STAGING"] = mode
+    trainer = None
+    if source == "broadcast":
+        trainer = await start_trainer(sync, model, args)
+    quiet0 = time.monotonic()
+    await asyncio.sleep(args.quiet)
+    t0 = time.monotonic()
+    with RssSampler() as rss:
+        base = rss.peak
+        if source == "tensors":
+            await sync.update_from_tensors(state)
+        elif source == "files":
+            await sync.update_from_files(model)
+        else:
+            await sync.update_from_trainer()
+        t1 = time.monotonic()
+    if trainer is not None:
+        trainer.wait(60)
+        await sync.disconnect_trainer()
+    await asyncio.sleep(0.2)  # a few steps after the resume
+    steps = (await engine.collective_rpc("rl_compat_step_times", args=(quiet0,)))[0]
+    extra, step, noise, gaps = stall(steps, (quiet0, t0), (t0, t1))
+    print("  gaps ms:", [round(g * 1e3) for g in gaps], flush=True)
+    return {"stall": extra, "step": step, "noise": noise, "pause": sync.last_pause_seconds,
+            "e2e": t1 - t0, "tps_update": load.tok_per_s(t0, t1),
+            "tps_quiet": load.tok_per_s(t0 - (t1 - t0), t0) if t1 - t0 < args.quiet
+            else load.tok_per_s(quiet0, t0),
+            "mem": rss.peak - base,
+            "overlapped": all(r.get("overlapped") for r in sync.last_apply)}
+
+
+async def start_trainer(sync, model: str, args) -> subprocess.Popen:
+    """A trainer process, connected (its start-up is not part of the update)."""
     from vllm_rl_compat.weights.broadcast import new_secret
 
     port, secret = free_port(), new_secret()
     trainer = subprocess.Popen(
         [sys.executable, str(TRAINER), "127.0.0.1", str(port), str(sync.num_workers),
          model, "ok", "60", str(args.chunk_mb << 20)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
         env={**os.environ, "TEST_TRAINER_SECRET": secret})
-    # Each trainer run joins a fresh group; its start-up (imports, reading
-    # the state dict) happens before the pause: connect, then update.
-    sync.connect_trainer("127.0.0.1", port, secret=secret, timeout=120)
-    sync.update_from_trainer()
-    trainer.wait(60)
-    sync.disconnect_trainer()
+    line = await asyncio.to_thread(trainer.stdout.readline)
+    if line.strip() != "TRAINER-READY":
+        raise RuntimeError(f"trainer did not start: {line!r}")
+    await sync.connect_trainer("127.0.0.1", port, secret=secret, timeout=120)
+    return trainer
+
+
+async def run(args, model: str, state: dict) -> tuple[list[tuple], int]:
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    from vllm_rl_compat.weight_sync import AsyncWeightSync
+
+    engine = AsyncLLM.from_engine_args(AsyncEngineArgs(
+        model=model, dtype="bfloat16", max_model_len=args.max_tokens + 64, seed=0,
+        max_num_seqs=max(args.streams, 1), enforce_eager=True))
+    try:
+        sync = await AsyncWeightSync.create(engine)
+        load = Load(engine, args.streams, args.max_tokens)
+        tasks = [asyncio.create_task(load.stream(i)) for i in range(args.streams)]
+        while load.tok_per_s(time.monotonic() - 1, time.monotonic()) == 0:
+            await asyncio.sleep(0.1)
+        await asyncio.sleep(args.quiet)  # all streams decoding
+        results: dict[tuple[str, str], list[dict]] = {}
+        for source in args.sources.split(","):
+            for k in range(args.updates):
+                for mode in (MODES if k % 2 == 0 else MODES[::-1]):
+                    r = await one_update(sync, engine, load, source, mode, model, state, args)
+                    if r["overlapped"] != (mode == "overlapped"):
+                        raise RuntimeError(f"{source}/{mode}: the update was staged "
+                                           f"{'overlapped' if r['overlapped'] else 'in the pause'}")
+                    results.setdefault((source, mode), []).append(r)
+                    print(source, mode, {k: round(v, 4) for k, v in r.items()}, flush=True)
+        load.running = False
+        for task in tasks:
+            task.cancel()
+        return [(s, m, rs) for (s, m), rs in results.items()], sync.spec.total_bytes
+    finally:
+        engine.shutdown()
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--updates", type=int, default=3, help="updates per source and mode")
+    ap.add_argument("--streams", type=int, default=32)
+    ap.add_argument("--max-tokens", type=int, default=448)
+    ap.add_argument("--quiet", type=float, default=2.0,
+                    help="seconds without an update before each one")
+    ap.add_argument("--sources", default="tensors,files,broadcast")
     ap.add_argument("--chunk-mb", type=int, default=64)
-    ap.add_argument("--no-layerwise", action="store_true",
-                    help="skip the second engine that measures vLLM's layerwise reload")
     args = ap.parse_args()
 
     import torch
@@ -151,27 +264,32 @@ def main() -> None:
     model = str(default_model_dir())
     state = load_state(model)
     load_before = machine.load()
-    rows, sync = bench_sources(model, state, args, "", broadcast=True)
-    if not args.no_layerwise:
-        os.environ["VLLM_RL_COMPAT_FAST_RELOAD"] = "0"  # read by the front end at each update
-        more, _ = bench_sources(model, state, args, " (layerwise fallback)", broadcast=False)
-        rows += more
-    nbytes = sync.spec.total_bytes
+    rows, nbytes = asyncio.run(run(args, model, state))
     copy_s = memcpy_seconds(nbytes)
-    lines = [machine.header("Full weight update of SmolLM2-135M on CPU, per source",
-                            load_before),
-             f"SmolLM2-135M bf16: {nbytes / 2**20:.1f} MiB, {len(state)} tensors; memcpy of "
-             f"the same bytes: {copy_s * 1e3:.1f} ms (median of 10); torch "
-             f"{torch.__version__}; repeats {args.repeats}; pause-to-resume of one "
-             f"transaction (pause, receive and validate into staging, apply, version, "
-             f"resume).", "",
-             "| source | pause-to-resume median (ms) | min (ms) | ratio to memcpy | notes |",
-             "|---|---|---|---|---|"]
-    for name, times, extra in rows:
-        med = statistics.median(times)
-        lines.append(f"| {name} | {med * 1e3:.0f} | {min(times) * 1e3:.0f} | "
-                     f"{med / copy_s:.1f}x | {extra} |")
+    med = lambda rs, key: statistics.median(r[key] for r in rs)  # noqa: E731
+    table, steps = [], []
+    for source, mode, rs in rows:
+        stall_s, pause, e2e = med(rs, "stall"), med(rs, "pause"), med(rs, "e2e")
+        steps.append(med(rs, "step"))
+        table.append(
+            f"| {source} | {mode} | {stall_s * 1e3:.0f} ({stall_s / copy_s:.1f}x) | "
+            f"{pause * 1e3:.0f} ({pause / copy_s:.1f}x) | {e2e * 1e3:.0f} ({e2e / copy_s:.1f}x)"
+            f" | {med(rs, 'tps_update'):.0f} / {med(rs, 'tps_quiet'):.0f} | "
+            f"{med(rs, 'mem') / 2**20:.0f} |")
+    lines = [machine.header("Weight updates of SmolLM2-135M on CPU under load: overlapped "
+                            "staging vs in the pause", load_before),
+             f"SmolLM2-135M bf16 (eager): {nbytes / 2**20:.1f} MiB; memcpy of the same bytes: "
+             f"{copy_s * 1e3:.1f} ms (median of 10, this run); torch {torch.__version__}; "
+             f"{args.streams} streaming requests decoding throughout; {args.updates} updates "
+             f"per source and mode, modes alternated, {args.quiet:.0f} s quiet before each; "
+             f"medians. Stall = longest gap between two engine steps during the update minus "
+             f"the quiet median step ({statistics.median(steps) * 1e3:.0f} ms here); "
+             f"x = ratio to the memcpy; broadcast in chunks of {args.chunk_mb} MiB.", "",
+             "| source | staging | stall ms (x) | pause-to-resume ms (x) | end-to-end ms (x) | "
+             "decode tok/s during / quiet | peak extra MiB |",
+             "|---|---|---|---|---|---|---|", *table]
     machine.write_results("weight_sync", lines)
+
 
 if __name__ == "__main__":
     main()

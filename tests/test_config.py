@@ -25,6 +25,9 @@ README = (Path(__file__).parents[1] / "README.md").read_text()
     ({"strict": "yes"}, "rl_compat.strict must be of type bool, got str: 'yes'"),
     ({"weight_version_start": 1.5}, "rl_compat.weight_version_start must be of type int"),
     ({"weight_version_start": True}, "rl_compat.weight_version_start must be of type int"),
+    ({"weight_staging": "background"}, "rl_compat.weight_staging='background' is not valid"),
+    ({"weight_staging_max_gib": -1}, "rl_compat.weight_staging_max_gib=-1 must be >= 0"),
+    ({"weight_staging_max_gib": "2"}, "rl_compat.weight_staging_max_gib must be of type float"),
     ({"fp32_head": "fp16"}, "rl_compat.fp32_head='fp16' is not valid; accepted values: "
                             "'compute', 'weights', 'off'"),
     ([("strict", True)], "additional_config['rl_compat'] must be a dict"),

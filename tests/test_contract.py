@@ -144,7 +144,7 @@ try:
 except Exception as exc:
     print(json.dumps({{"error": type(exc).__name__, "message": str(exc)}}))
     sys.exit(3)
-import vllm.entrypoints.llm, vllm.v1.engine.async_llm
+import vllm.entrypoints.llm, vllm.v1.engine.async_llm, vllm.v1.worker.gpu_worker
 from vllm_rl_compat.contract import wrapped_now
 print(json.dumps({{"wrapped": wrapped_now()}}))
 """
@@ -208,6 +208,9 @@ def test_rl_mode_wraps_what_the_contract_lists(children) -> None:
     assert {"vllm.engine.arg_utils:EngineArgs.create_engine_config",
             "vllm.plugins:load_endpoint_plugins",
             "vllm.entrypoints.llm:LLM.update_weights",
-            "vllm.v1.engine.async_llm:AsyncLLM.finish_weight_update"} <= wrapped
+            "vllm.v1.engine.async_llm:AsyncLLM.finish_weight_update",
+            # two capabilities hook the same module when it loads: both apply
+            "vllm.v1.worker.gpu_worker:Worker.load_model",
+            "vllm.v1.worker.gpu_worker:Worker.execute_model"} <= wrapped
     assert wrapped <= {e.target for e in contract.ENTRIES if e.use == "wrap"}
     # With the switch off the same list is empty: tests/test_switch_off.py.

@@ -304,6 +304,8 @@ def test_fp32_weights_mode(kind: str, name: str, tmp_path: Path,
             monkeypatch.setenv("VLLM_RL_COMPAT_FAST_RELOAD", fast_reload)
             applied = _update_keeps_fp32_head(llm, tmp_path / kind, name, new)
             assert [r["fast"] for r in applied] == [fast_reload == "1"]
+            # the fast path stages beside the live weights (a tied head's fp32 copy too)
+            assert [r["overlapped"] for r in applied] == [fast_reload == "1"]
     finally:
         llm.llm_engine.engine_core.shutdown()
 

@@ -109,6 +109,19 @@ def start_trainer(model_dir: str, port: int, receivers: int, mode: str = "ok",
     return proc
 
 
+# ``auto`` stages beside the live weights on CPU when the fast apply qualifies.
+OVERLAPPED = (os.environ.get("VLLM_RL_COMPAT_FAST_RELOAD", "1") != "0"
+              and os.environ.get("VLLM_RL_COMPAT_WEIGHT_STAGING", "auto") != "in_pause")
+
+
+def assert_never_paused(llm, sync) -> None:
+    """A failed overlapped update: generation never stopped, staging freed."""
+    if OVERLAPPED:
+        assert sync.last_pause_seconds == 0.0
+        idle = {"held": False, "busy": False}  # shadow dropped, staging thread idle
+        assert llm.collective_rpc("rl_compat_staging") == [idle] * sync.num_workers
+
+
 def assert_serves(llm) -> None:
     from vllm import SamplingParams
 
@@ -180,6 +193,7 @@ def test_update_matches_fresh_engine_both_ways(untied):
     assert sync_a.update_from_tensors(state_dict(untied["dir_b"])) == 1
     fast = os.environ.get("VLLM_RL_COMPAT_FAST_RELOAD", "1") != "0"  # "0": fallback run
     assert [r["fast"] for r in sync_a.last_apply] == [fast]  # fast_reload's path
+    assert [r["overlapped"] for r in sync_a.last_apply] == [OVERLAPPED]
     assert forced_logprobs(untied["eng_a"]) == untied["ref_b"]  # exact
     assert sync_b.update_from_files(untied["dir_a"]) == 1
     assert forced_logprobs(untied["eng_b"]) == untied["ref_a"]  # exact
@@ -222,8 +236,43 @@ def test_rejected_update_leaves_model_unchanged(untied, tmp_path, case, source):
             sync.update_from_files(tmp_path)
     assert message in str(err.value)
     assert sync.version == version
+    if source == "files":  # tensors are checked in the front end, before any step
+        assert_never_paused(eng, sync)
     assert forced_logprobs(eng) == before  # bit-identical
     assert_serves(eng)
+
+
+@pytest.mark.engine
+def test_overlapped_staging_faults_and_memory(untied, tmp_path, monkeypatch):
+    """Overlapped staging: a truncated file fails in the staging thread without
+    a pause; too little memory for the staging copy is refused before anything
+    (``overlapped``) or the update goes through the pause (``auto``)."""
+    eng, sync = untied["eng_a"], untied["sync_a"]
+    before, version = forced_logprobs(eng), sync.version
+    raw = next(Path(untied["dir_b"]).glob("*.safetensors")).read_bytes()
+    (tmp_path / "model.safetensors").write_bytes(raw[: len(raw) // 2])
+    with pytest.raises(WeightUpdateError, match="model unchanged"):
+        sync.update_from_files(tmp_path)
+    assert_never_paused(eng, sync)
+    assert forced_logprobs(eng) == before and sync.version == version
+    if not OVERLAPPED:
+        return
+    monkeypatch.setenv("VLLM_RL_COMPAT_WEIGHT_STAGING_MAX_GIB", "0.0001")
+    monkeypatch.setenv("VLLM_RL_COMPAT_WEIGHT_STAGING", "overlapped")
+    with pytest.raises(WeightUpdateError, match=r"weight_staging='overlapped' refused: "
+                       r"overlapped weight staging needs \d+ MiB .* but "
+                       r"weight_staging_max_gib is 0 MiB.*model unchanged"):
+        sync.update_from_files(untied["dir_b"])
+    assert_never_paused(eng, sync)
+    assert forced_logprobs(eng) == before and sync.version == version
+    monkeypatch.setenv("VLLM_RL_COMPAT_WEIGHT_STAGING", "auto")  # falls back to the pause
+    sync.update_from_files(untied["dir_a"])
+    assert [r["overlapped"] for r in sync.last_apply] == [False]
+    assert sync.last_pause_seconds > 0 and forced_logprobs(eng) == untied["ref_a"]
+    monkeypatch.delenv("VLLM_RL_COMPAT_WEIGHT_STAGING_MAX_GIB")
+    sync.update_from_files(untied["dir_b"])  # back to B, overlapped again
+    assert [r["overlapped"] for r in sync.last_apply] == [True]
+    assert forced_logprobs(eng) == untied["ref_b"]
 
 
 def _connect(sync, port: int, timeout: float) -> None:
@@ -263,6 +312,7 @@ def test_broadcast_update_and_faults(untied):
         assert elapsed < timeout + 15, (mode, elapsed)
         if mode == "badname":  # the trainer got the same verdict
             assert "unknown names" in trainer.stdout.read()
+        assert_never_paused(eng, sync)
         assert sync.version == v
         assert forced_logprobs(eng) == before, mode
         assert_serves(eng)
@@ -298,6 +348,7 @@ def test_tied_model_dtype_head_follows_update(tiny_model, monkeypatch):
             monkeypatch.setenv("VLLM_RL_COMPAT_FAST_RELOAD", "1" if fast else "0")
             sync.update_from_files(target)
             assert [r["fast"] for r in sync.last_apply] == [fast]
+            assert [r["overlapped"] for r in sync.last_apply] == [fast and OVERLAPPED]
             assert forced_logprobs(eng) == want  # exact
     finally:
         shutdown(eng)
@@ -319,6 +370,7 @@ def test_tp2_broadcast_and_files(untied, monkeypatch):
         _connect(sync, port, timeout=30)
         sync.update_from_trainer()
         assert trainer.wait(30) == 0
+        assert [r["overlapped"] for r in sync.last_apply] == [OVERLAPPED] * 2
         got_a = forced_logprobs(eng)
         assert max_diff(got_a, untied["ref_a"]) <= tol < max_diff(got_a, fresh_b)
         # A rejected update on TP=2: both ranks refuse, nothing changes.

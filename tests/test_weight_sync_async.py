@@ -151,6 +151,26 @@ async def _run(model_a: str, model_b: str) -> None:
             loaded = idx if sync.version == before + 1 else loaded
             assert await _greedy(engine) == ref[loaded], (delay, sync.version)
         assert await sync.update_from_tensors(states[0]) == sync.version  # still usable
+        assert [r["overlapped"] for r in sync.last_apply] == [True]  # auto, on CPU
+
+        # Overlapped staging through vLLM's own calls: between start and finish
+        # the engine keeps generating (tokens of the old version), and its step
+        # clock shows the steps it ran meanwhile.
+        v, t_open = sync.version, time.monotonic()
+        await engine.start_weight_update()
+        await engine.update_weights({"update_info": {"source": "files", "path": model_a}})
+        task = asyncio.create_task(consume(50))
+        while sum(n for n, _ in received.get("req-50", [])) < 8:
+            await asyncio.sleep(0.005)
+        t_finish = time.monotonic()
+        await engine.finish_weight_update()
+        await asyncio.wait_for(task, 120)
+        assert sync.version == v + 1
+        first = token_versions(finals["req-50"].outputs[0])[0]
+        assert first[0] == v and first[2] >= 8, first
+        steps = (await engine.collective_rpc("rl_compat_step_times", args=(t_open,)))[0]
+        assert sum(t < t_finish for t in steps) >= 8  # the engine stepped while staging
+        assert await _greedy(engine) == ref[1]  # A's weights, as a fresh load gives
     finally:
         engine.shutdown()
 

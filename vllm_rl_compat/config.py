@@ -20,6 +20,7 @@ CONFIG_KEY = "rl_compat"
 FP32_HEAD_MODES = ("compute", "weights", "off")
 FP32_HEAD_IMPLS = ("auto", "triton", "brgemm", "blocked", "torch")
 PREFIX_CACHE_MODES = ("off", "versioned")
+WEIGHT_STAGING_MODES = ("auto", "overlapped", "in_pause")
 
 
 def _opt(default: Any, help: str, choices: tuple[Any, ...] | None = None) -> Any:
@@ -54,6 +55,17 @@ class RLCompatConfig:
         "routes) is one transaction at a pause boundary; installs the worker "
         "extension `vllm_rl_compat.weights.worker.WeightSyncExtension` and, "
         "unless you set one, `weight_transfer_config={\"backend\": \"rl_compat_gloo\"}`.")
+    weight_staging: str = _opt(
+        "auto", "How our weight backends stage an update: `overlapped` receives, "
+        "validates and prepares it (on CPU: new packed oneDNN handles) beside the "
+        "live weights while the engine keeps decoding, then swaps pointers in a "
+        "short pause (one extra copy of the weights until the swap; refused when it "
+        "does not fit); `in_pause` does all of it inside the pause (no extra copy); "
+        "`auto`: overlapped where the model and memory allow (CPU, unquantized), "
+        "else in the pause.", WEIGHT_STAGING_MODES)
+    weight_staging_max_gib: float = _opt(
+        0.0, "Most extra memory overlapped staging may hold, in GiB (`0`: what the "
+        "machine and its cgroup have available).")
     fp32_head: str = _opt(
         "compute", "Fix 4: lm_head in fp32. `compute`: fp32 logits from "
         "model-dtype weights, no fp32 weight copy; `weights`: the head weight "
@@ -91,7 +103,7 @@ class RLCompatConfig:
 
 
 # Annotations are strings under `from __future__ import annotations`.
-_TYPES = {"bool": bool, "int": int, "str": str}
+_TYPES = {"bool": bool, "int": int, "str": str, "float": (int, float)}
 OPTIONS: dict[str, Field] = {f.name: f for f in fields(RLCompatConfig)}
 
 
@@ -104,11 +116,15 @@ def _validate(key: str, value: Any) -> Any:
         )
     # bool is a subclass of int: reject True for an int option explicitly.
     kind = _TYPES[opt.type]
-    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+    if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
         raise ValueError(
-            f"Option {CONFIG_KEY}.{key} must be of type {kind.__name__}, "
+            f"Option {CONFIG_KEY}.{key} must be of type {opt.type}, "
             f"got {type(value).__name__}: {value!r}."
         )
+    if opt.type == "float":
+        if not value >= 0:
+            raise ValueError(f"Option {CONFIG_KEY}.{key}={value!r} must be >= 0.")
+        value = float(value)
     choices = opt.metadata["choices"]
     if choices is not None and value not in choices:
         raise ValueError(

@@ -93,6 +93,8 @@ ENTRIES: tuple[Entry, ...] = (
             "route AsyncLLM's RL API through the transaction") for n in _RL_API),
     *(Entry(f"{_WORKER}.{n}", "call", "the worker extension drives vLLM's own worker steps")
       for n in (*_RL_API, "reload_weights")),
+    Entry(f"{_WORKER}.execute_model", "wrap", "engine step times (stall of an update)",
+          ("self", "scheduler_output")),
     Entry("vllm.v1.engine.core:EngineCore._attach_weight_version", "wrap",
           "per-token weight version labels", ("self", "outputs")),
     # versioned prefix cache

@@ -66,6 +66,17 @@ environment_variables: dict[str, tuple[Callable[[], Any], str]] = {
         "the fast apply (`weights/apply_cpu.py`; for comparisons; default `1`); "
         "read by the front end at each update.",
     ),
+    "VLLM_RL_COMPAT_WEIGHT_STAGING": (
+        lambda: os.environ.get("VLLM_RL_COMPAT_WEIGHT_STAGING") or None,
+        "Overrides `rl_compat.weight_staging` (`auto`, `overlapped`, `in_pause`) "
+        "for the updates a front end starts (for comparisons); read at each update.",
+    ),
+    "VLLM_RL_COMPAT_WEIGHT_STAGING_MAX_GIB": (
+        lambda: float(os.environ["VLLM_RL_COMPAT_WEIGHT_STAGING_MAX_GIB"])
+        if os.environ.get("VLLM_RL_COMPAT_WEIGHT_STAGING_MAX_GIB") else None,
+        "Overrides `rl_compat.weight_staging_max_gib` for the updates a front end "
+        "starts (for tests and comparisons); read at each update.",
+    ),
     "VLLM_RL_COMPAT_CONTROL_TOKEN": (
         lambda: os.environ.get("VLLM_RL_COMPAT_CONTROL_TOKEN") or None,
         "Bearer token of the RL HTTP routes on `vllm serve` (falls back to "
@@ -84,6 +95,8 @@ VLLM_RL_COMPAT: bool
 VLLM_RL_COMPAT_CACHE: Path
 VLLM_RL_COMPAT_AUTOTUNE: bool
 VLLM_RL_COMPAT_FAST_RELOAD: bool
+VLLM_RL_COMPAT_WEIGHT_STAGING: str | None
+VLLM_RL_COMPAT_WEIGHT_STAGING_MAX_GIB: float | None
 VLLM_RL_COMPAT_CONTROL_TOKEN: str | None
 VLLM_RL_COMPAT_TXN_SECRET: str | None
 

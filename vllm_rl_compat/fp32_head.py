@@ -263,9 +263,20 @@ def tie_fp32_shadow(head: torch.nn.Module, embed: torch.nn.Module,
     head.__dict__[SHADOW_ATTR] = fp32_param
     embed_param = embed.weight
     base: Callable[..., Any] = getattr(embed_param, "weight_loader", default_weight_loader)
-    if getattr(base, "_rl_compat_shadow", False):
+    if getattr(base, "_rl_compat_head", None) is not None:
         return
+    embed_param.weight_loader = _shadow_filling_loader(base, head)
 
+
+def staged_shadow_loader(loader: Callable[..., Any], head: torch.nn.Module
+                         ) -> Callable[..., Any]:
+    """``loader`` (from ``tie_fp32_shadow``) re-targeted at another head: overlapped
+    staging (``weights.staging``) fills a staged head's shadow, not the live one."""
+    return _shadow_filling_loader(loader._rl_compat_base, head)  # type: ignore[attr-defined]
+
+
+def _shadow_filling_loader(base: Callable[..., Any], head: torch.nn.Module
+                           ) -> Callable[..., Any]:
     # The first argument must be called ``param``: vLLM's layerwise reload
     # binds loader calls by signature and swaps ``arguments["param"]`` for the
     # materialised tensor when it replays them.
@@ -276,8 +287,9 @@ def tie_fp32_shadow(head: torch.nn.Module, embed: torch.nn.Module,
             _load_shadow(head, loaded_weight)
         return result
 
-    weight_loader._rl_compat_shadow = True  # type: ignore[attr-defined]
-    embed_param.weight_loader = weight_loader
+    weight_loader._rl_compat_base = base  # type: ignore[attr-defined]
+    weight_loader._rl_compat_head = head  # type: ignore[attr-defined]
+    return weight_loader
 
 
 def refresh_head(model: torch.nn.Module) -> None:

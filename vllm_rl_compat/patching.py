@@ -61,16 +61,21 @@ def when_imported(module_name: str, apply: Callable[[Any], None]) -> None:
     module = sys.modules.get(module_name)
     if module is not None:
         apply(module)
-    elif not any(isinstance(f, _OnImport) and f.name == module_name for f in sys.meta_path):
-        sys.meta_path.insert(0, _OnImport(module_name, apply))
+        return
+    pending = next((f for f in sys.meta_path
+                    if isinstance(f, _OnImport) and f.name == module_name), None)
+    if pending is None:
+        sys.meta_path.insert(0, _OnImport(module_name, [apply]))
+    elif apply not in pending.applies:
+        pending.applies.append(apply)
 
 
 class _OnImport(importlib.abc.MetaPathFinder):
-    """Calls ``apply`` right after ``name`` is executed, then removes itself."""
+    """Calls each ``apply`` right after ``name`` is executed, then removes itself."""
 
-    def __init__(self, name: str, apply: Callable[[Any], None]) -> None:
+    def __init__(self, name: str, applies: list[Callable[[Any], None]]) -> None:
         self.name = name
-        self.apply = apply
+        self.applies = applies
 
     def find_spec(self, fullname: str, path: Any = None, target: Any = None) -> Any:
         if fullname != self.name:
@@ -90,7 +95,8 @@ class _OnImport(importlib.abc.MetaPathFinder):
                 vars(loader).pop("exec_module", None)
             if self in sys.meta_path:
                 sys.meta_path.remove(self)
-            self.apply(module)
+            for apply in self.applies:
+                apply(module)
 
         loader.exec_module = exec_module
         return spec

@@ -32,6 +32,7 @@ def _register_once() -> None:
         proof,
         registry,
         settings,
+        step_clock,
         versions,
     )
 
@@ -43,5 +44,6 @@ def _register_once() -> None:
     versions.install_version_label()
     prefix_cache.install()
     native.install()
+    step_clock.install()
     http.install()
     openai_versions.install()

@@ -14,17 +14,23 @@ picks the default, so ``WeightSync`` works whichever is configured:
 
 Unlike vLLM's engines, these never touch a parameter while receiving: every
 chunk is validated against the model's spec (``weights.spec``) and read into
-staging (files too: the bytes validated are the bytes applied). The worker
-extension (``weights.worker``) applies the staging at the transaction's
-finish step. Every method that changes state refuses calls that do not come
+staging (files too: the bytes validated are the bytes applied). Two ways:
+
+* in the pause (``take_staged``): the chunk is received inside the RPC; the
+  worker extension (``weights.worker``) applies it at the finish step;
+* overlapped (``begin_overlapped``): the RPC hands the chunk to a staging
+  thread and returns, so the engine keeps stepping while it is received,
+  validated and loaded into a shadow of the model (``weights.staging``);
+  ``poll`` reports progress and errors, ``check_complete`` prepares the
+  packed state, and the finish step only swaps (``take_stage``). Every method that changes state refuses calls that do not come
 from the front end's transaction (``authorized``), so dev mode's
 ``/collective_rpc`` cannot drive them.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Iterator
 
 import torch
 from vllm.distributed.weight_transfer.base import (
@@ -74,6 +80,21 @@ def worker_group_rank(parallel_config: Any, rank_offset: int) -> int:
     return group_rank(rank_offset, dp_index, pc.world_size, pc.rank)
 
 
+@dataclass
+class _Overlap:
+    """One overlapped update: its shadow and what each chunk delivered."""
+
+    stage: Any  # weights.staging.StagedWeights
+    entries: list[tuple[str, tuple[int, ...], Any]] = field(default_factory=list)
+
+    def seen(self) -> set[str]:
+        return {name for name, _, _ in self.entries}
+
+    def add(self, items: list[tuple[str, torch.Tensor]]) -> list[tuple[str, torch.Tensor]]:
+        self.entries.extend((n, tuple(t.shape), t.dtype) for n, t in items)
+        return items
+
+
 class RLCompatWeightTransferEngine(
         WeightTransferEngine[RLCompatInitInfo, RLCompatUpdateInfo]):
     """Receive and validate into staging; the worker extension applies it."""
@@ -90,6 +111,8 @@ class RLCompatWeightTransferEngine(
         self._spec: Any = None
         self._group: Any = None
         self._staged: list[tuple[str, torch.Tensor]] = []
+        self._overlap: _Overlap | None = None
+        self._job: Any = None  # weights.staging.StagingJob, made on first use
 
     @property
     def spec(self) -> Any:
@@ -143,14 +166,64 @@ class RLCompatWeightTransferEngine(
         # The base class synchronises an accelerator, which a CPU engine lacks.
         self.receive_weights(self.parse_update_info(update_info))
 
+    def begin_overlapped(self, model: torch.nn.Module, plan: Any, explicit: bool,
+                         max_gib: float) -> dict[str, Any]:
+        """Stage this update beside the live weights (``weights.staging``) if the
+        model qualifies (``plan``) and the extra copy fits; else say why (or
+        raise, when overlapped staging was asked for explicitly)."""
+        from vllm_rl_compat.weights import staging
+        from vllm_rl_compat.weights.spec import WeightUpdateError
+
+        reason = None if plan is not None else (
+            "it is built for unquantized models on the CPU platform (the fast CPU apply's "
+            "plan, which this engine does not qualify for: see the log line 'weight "
+            "updates use vLLM's layerwise reload')")
+        if reason is None:
+            largest = max(t.numel() * t.element_size() for t in model.parameters())
+            try:
+                staging.check_fits(staging.staging_bytes(self.spec.total_bytes, largest),
+                                   max_gib)
+            except staging.StagingMemoryError as exc:
+                reason = str(exc)
+        if reason is not None:
+            if explicit:
+                raise WeightUpdateError(f"weight_staging='overlapped' refused: {reason}")
+            return {"overlapped": False, "why": reason}
+        self._overlap = _Overlap(staging.build(model, plan))
+        if self._job is None:
+            self._job = staging.StagingJob()
+        return {"overlapped": True}
+
+    def staging_state(self) -> dict[str, bool]:
+        """``held``: a shadow is allocated; ``busy``: the staging thread works."""
+        busy = self._job is not None and self._job.busy()
+        return {"held": self._overlap is not None, "busy": busy}
+
+    def poll(self) -> bool:
+        """Has the staging thread finished everything handed to it? Raises its
+        error (the transaction then aborts; the live model was not touched)."""
+        return self._job is None or self._job.done()
+
     def receive_weights(self, update_info: RLCompatUpdateInfo) -> None:
         self._require_authorized("update_weights")
+        overlap = self._overlap
+        if overlap is not None:
+            self._job.submit(lambda: self._stage_chunk(overlap, update_info))
+            return
         seen = {name for name, _ in self._staged}
         if update_info.source == "gloo":
             items = self._receive_broadcast(seen)
         else:
             items = self._read_files(update_info.path, seen)
         self._staged.extend(items)
+
+    def _stage_chunk(self, overlap: _Overlap, update_info: RLCompatUpdateInfo) -> None:
+        """Staging thread: receive / read, validate, load into the shadow."""
+        seen = overlap.seen()
+        if update_info.source == "gloo":
+            overlap.stage.load(overlap.add(self._receive_broadcast(seen)))
+        else:
+            overlap.stage.load(self._stream_files(update_info.path, seen, overlap))
 
     def _receive_broadcast(self, seen: set[str]) -> list[tuple[str, torch.Tensor]]:
         if self._group is None:
@@ -166,33 +239,64 @@ class RLCompatWeightTransferEngine(
             raise
 
     def _read_files(self, path: str, seen: set[str]) -> list[tuple[str, torch.Tensor]]:
+        return list(self._stream_files(path, seen))
+
+    def _stream_files(self, path: str, seen: set[str], overlap: _Overlap | None = None
+                      ) -> Iterator[tuple[str, torch.Tensor]]:
+        """Validate every header first, then yield the tensors one by one."""
         from safetensors import safe_open
 
         from vllm_rl_compat.weights.spec import WeightUpdateError, safetensors_header_spec
 
         files, entries = safetensors_header_spec(path)
         self.spec.validate(entries, complete=False, seen=set(seen))
-        items = []
         for file in files:
             try:
                 with safe_open(file, framework="pt") as f:
-                    items.extend((name, f.get_tensor(name)) for name in f.keys())
+                    for name in f.keys():
+                        tensor = f.get_tensor(name)
+                        if overlap is not None:
+                            overlap.add([(name, tensor)])
+                        yield name, tensor
             except Exception as exc:  # truncated file, changed under us, ...
                 raise WeightUpdateError(f"cannot read safetensors file {file!r}, model "
                                         f"unchanged: {exc}") from exc
-        return items
 
     # ----------------------------------------------------------- finish
     def check_complete(self) -> None:
-        """Every name of the spec staged exactly once (before anyone applies)."""
-        self.spec.validate(((n, tuple(t.shape), t.dtype) for n, t in self._staged))
+        """Every name of the spec staged exactly once (before anyone applies);
+        overlapped: then build the packed state, in the staging thread."""
+        overlap = self._overlap
+        if overlap is None:
+            self.spec.validate(((n, tuple(t.shape), t.dtype) for n, t in self._staged))
+            return
+
+        def complete() -> None:
+            self.spec.validate(overlap.entries)
+            overlap.stage.prepare()
+
+        self._job.submit(complete)
+
+    @property
+    def overlapped(self) -> bool:
+        return self._overlap is not None
 
     def take_staged(self) -> list[tuple[str, torch.Tensor]]:
         staged, self._staged = self._staged, []
         return staged
 
+    def take_stage(self) -> Any:
+        """The prepared shadow of an overlapped update (the swap installs it)."""
+        if self._job is not None and not self._job.done():
+            raise RuntimeError("the staging thread has not finished")
+        overlap, self._overlap = self._overlap, None
+        return overlap.stage
+
     def drop(self) -> None:
         self._staged = []
+        self._overlap = None
+        if self._job is not None:
+            self._job.cancel()
 
     def finish_weight_update(self) -> None:
         self._require_authorized("finish_weight_update")

@@ -93,13 +93,20 @@ class _Common:
 
     @property
     def last_apply(self) -> list[dict[str, Any]] | None:
-        """Per worker, the last successful apply: ``{"rank", "head_refreshed", "fast"}``."""
+        """Per worker, the last successful apply: ``{"rank", "head_refreshed", "fast",
+        "overlapped"}``."""
         return self._txn.last_apply
 
     @property
     def last_pause_seconds(self) -> float | None:
-        """Pause to resume of the last update."""
+        """Pause to resume of the last update (``0.0``: it never paused, e.g. an
+        overlapped update that failed while staging)."""
         return self._txn.last_pause_seconds
+
+    @property
+    def last_update_seconds(self) -> float | None:
+        """Start of the last update to its new version live (or its failure)."""
+        return self._txn.last_update_seconds
 
     def _tensors_file(self, weights: Any) -> str:
         pairs = as_named_tensors(weights)

@@ -46,6 +46,30 @@ def _allow_fast() -> bool:
     return envs.VLLM_RL_COMPAT_FAST_RELOAD
 
 
+def staging_options(vllm_config: Any) -> dict[str, Any]:
+    """How this update is staged (``Transaction.start``), read per update."""
+    from vllm_rl_compat import envs
+    from vllm_rl_compat.config import WEIGHT_STAGING_MODES, rl_config_from_additional
+    from vllm_rl_compat.weights.registry import is_ours
+
+    cfg = rl_config_from_additional(vllm_config.additional_config)
+    mode = envs.VLLM_RL_COMPAT_WEIGHT_STAGING or cfg.weight_staging
+    if mode not in WEIGHT_STAGING_MODES:
+        raise ValueError(f"VLLM_RL_COMPAT_WEIGHT_STAGING={mode!r} is not one of "
+                         f"{', '.join(WEIGHT_STAGING_MODES)}")
+    transfer = getattr(vllm_config, "weight_transfer_config", None)
+    if not is_ours(getattr(transfer, "backend", None)):
+        if mode == "overlapped":
+            raise ValueError("rl_compat.weight_staging='overlapped' needs one of our weight "
+                             "backends (rl_compat_gloo / _tensors / _files); vLLM's own "
+                             f"backend {transfer.backend!r} loads into the live weights")
+        mode = "in_pause"  # vLLM's own backends load straight into the parameters
+    max_gib = envs.VLLM_RL_COMPAT_WEIGHT_STAGING_MAX_GIB
+    return {"staging": mode,
+            "max_gib": cfg.weight_staging_max_gib if max_gib is None else max_gib,
+            "allow_fast": _allow_fast()}
+
+
 def _field(request: Any, name: str) -> Any:
     """``request.name`` or ``request["name"]`` (vLLM accepts both shapes)."""
     if isinstance(request, dict):
@@ -57,7 +81,7 @@ def _field(request: Any, name: str) -> Any:
 _STEPS: dict[str, Callable[..., Any]] = {
     "init_weight_transfer_engine": lambda t, request: t.init(_field(request, "init_info")),
     "shutdown_weight_transfer_engine": lambda t: t.shutdown(),
-    "start_weight_update": lambda t: t.start(),
+    "start_weight_update": lambda t: t.start(staging_options(t.vllm_config)),
     "update_weights": lambda t, request: t.update(_field(request, "update_info")),
     "finish_weight_update": lambda t, weight_version=None: t.finish(weight_version,
                                                                    _allow_fast()),

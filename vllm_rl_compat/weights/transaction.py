@@ -5,20 +5,27 @@ vLLM's RL calls (``init_weight_transfer_engine``, ``start_weight_update``,
 on ``LLM`` and ``AsyncLLM``, hence the HTTP routes of ``vllm serve`` too) are
 routed here in RL mode, whichever backend carries the bytes:
 
-* start: pause at an engine step boundary keeping running requests and their
-  KV cache (``AsyncLLM``: ``pause_generation(mode="keep", clear_cache=False)``;
-  offline ``LLM``: ``sleep(level=0, mode="keep")``), unless the caller
-  already paused; open the backend's update on every worker.
+* start: open the backend's update on every worker. In the pause (vLLM's
+  own backends, ``weight_staging='in_pause'``, or a model / machine that
+  cannot stage beside its weights): first pause at an engine step boundary
+  keeping running requests and their KV cache (``AsyncLLM``:
+  ``pause_generation(mode="keep", clear_cache=False)``; offline ``LLM``:
+  ``sleep(level=0, mode="keep")``), unless the caller already paused.
+  Overlapped (our backends, ``auto`` / ``overlapped``): no pause yet.
 * update (any number of chunks): every worker receives and validates into
   staging (our backends) or loads (vLLM's own, which stream straight into
-  the parameters).
-* finish: every worker checks its staging is complete; only then does any
-  worker apply (our fast CPU apply, else vLLM's layerwise reload), refresh
-  the fp32 head, close the backend's update. Then the version label is
-  bumped and generation resumes.
+  the parameters). Overlapped, a staging thread per worker does it and
+  loads a shadow of the model while the engine keeps stepping; the call
+  polls (``poll:K``) until every worker has the chunk.
+* finish: every worker checks its staging is complete (overlapped: and
+  builds the packed state, polled); only then does any worker apply (our
+  fast CPU apply, else vLLM's layerwise reload; overlapped: pause now and
+  swap pointers), the fp32 head, close the backend's update. Then the
+  version label is bumped and generation resumes.
 * Any failure before the apply: every worker drops its staging, the model
-  is unchanged, generation resumes and the caller gets ``WeightUpdateError``
-  naming the problem. A failure during the apply: ``WeightSyncCorruptedError``.
+  is unchanged, generation resumes (overlapped: it never stopped) and the
+  caller gets ``WeightUpdateError`` naming the problem. A failure during
+  the apply: ``WeightSyncCorruptedError``.
 
 The steps are written once, as generators of engine operations; the sync and
 async drivers (``run`` / ``run_async``) execute the same steps on an ``LLM``
@@ -57,10 +64,16 @@ class Transaction:
     open_id: str | None = None
     paused_by_us: bool = False
     chunks: int = 0
+    polls: int = 0
+    may_pause: bool = True  # the caller had not paused generation itself
     version: int = 0
     started_at: float = 0.0
-    last_pause_seconds: float | None = None
-    # per worker, the last successful apply: {"rank", "head_refreshed", "fast"}
+    paused_at: float | None = None
+    overlapped: bool = False  # this update is staged beside the live weights
+    pauses: int = 0  # pauses this transaction made (a failed overlapped update makes none)
+    last_pause_seconds: float | None = None  # pause to resume (0.0: never paused)
+    last_update_seconds: float | None = None  # start to the new version live
+    # per worker, the last successful apply: {"rank", "head_refreshed", "fast", "overlapped"}
     last_apply: list[dict[str, Any]] | None = None
     step_lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -83,25 +96,34 @@ class Transaction:
         txn = proof.new_txn_id()
         yield self._rpc(txn, "shutdown")
 
-    def start(self) -> Steps:
+    def start(self, staging: dict[str, Any] | None = None) -> Steps:
+        """``staging``: ``{"staging": auto|overlapped|in_pause, "max_gib",
+        "allow_fast"}`` (``options.staging_options``); ``None``: in the pause."""
         self._require_closed("start_weight_update")
-        self.open_id, self.chunks = proof.new_txn_id(), 0
-        self.started_at = time.perf_counter()
+        staging = staging or {"staging": "in_pause"}
+        self.open_id, self.chunks, self.polls = proof.new_txn_id(), 0, 0
+        self.started_at, self.paused_at, self.overlapped = time.perf_counter(), None, False
         try:
             self._adopt(parse_version((yield ("get_version",))))
-            self.paused_by_us = not (yield ("is_paused",))
-            if self.paused_by_us:
-                yield ("pause",)
-            yield self._rpc(self.open_id, "start")
+            may_pause = not (yield ("is_paused",))
+            if may_pause and staging["staging"] == "in_pause":
+                yield from self._pause()
+            results = yield self._rpc(self.open_id, "start", staging)
+            self.overlapped = bool(results) and all(
+                isinstance(r, dict) and r.get("overlapped") for r in results)
+            if not self.overlapped and may_pause and not self.paused_by_us:
+                yield from self._pause()
         except BaseException as exc:
             yield from self._close(abort=True)
             raise _rejected(exc) from exc
+        self.may_pause = may_pause
 
     def update(self, update_info: Any) -> Steps:
         self._require_open("update_weights")
         self.chunks += 1
         try:
             yield self._rpc(self.open_id, f"update:{self.chunks}", update_info)
+            yield from self._wait()
         except BaseException as exc:
             yield from self._close(abort=True)
             raise _rejected(exc) from exc
@@ -111,6 +133,9 @@ class Transaction:
         self._require_open("finish_weight_update")
         try:
             yield self._rpc(self.open_id, "check")
+            yield from self._wait()
+            if self.overlapped and self.may_pause:
+                yield from self._pause()
         except BaseException as exc:
             yield from self._close(abort=True)
             raise _rejected(exc) from exc
@@ -133,6 +158,23 @@ class Transaction:
         yield from self._close(abort=True)
 
     # ----------------------------------------------------------- helpers
+    def _pause(self) -> Steps:
+        yield ("pause",)
+        self.paused_by_us, self.paused_at = True, time.perf_counter()
+        self.pauses += 1
+
+    def _wait(self) -> Steps:
+        """Overlapped: poll until every worker's staging thread is done with
+        what it was given (each poll is one short RPC between engine steps)."""
+        delay = 0.002
+        while self.overlapped:
+            self.polls += 1
+            done = yield self._rpc(self.open_id, f"poll:{self.polls}")
+            if all(done):
+                return
+            yield ("sleep", delay)
+            delay = min(delay * 2, 0.02)
+
     def _rpc(self, txn: str, step: str, info: Any = None) -> Op:
         return ("rpc", {"txn": txn, "step": step, "proof": proof.sign(txn, step), "info": info})
 
@@ -154,7 +196,9 @@ class Transaction:
             if self.paused_by_us:
                 self.paused_by_us = False
                 yield ("resume",)
-            self.last_pause_seconds = time.perf_counter() - self.started_at
+            now = time.perf_counter()
+            self.last_pause_seconds = now - self.paused_at if self.paused_at else 0.0
+            self.last_update_seconds = now - self.started_at
 
     def _require_open(self, call: str) -> None:
         if self.open_id is None:
@@ -245,6 +289,9 @@ class LLMPort:
     def is_paused(self) -> bool:
         return False  # the offline LLM has no user-level pause
 
+    def sleep(self, seconds: float) -> None:
+        time.sleep(seconds)
+
     def get_version(self) -> str:
         return self.llm.llm_engine.get_weight_version()
 
@@ -269,6 +316,9 @@ class AsyncLLMPort:
 
     async def is_paused(self) -> bool:
         return await self.engine.is_paused()
+
+    async def sleep(self, seconds: float) -> None:
+        await asyncio.sleep(seconds)
 
     async def get_version(self) -> str:
         return await self.engine.get_weight_version()

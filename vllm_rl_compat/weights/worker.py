@@ -1,21 +1,25 @@
 """Worker extension: the worker side of the weight-update transaction.
 
 vLLM appends this class to its worker's bases (``worker_extension_cls``).
-Only three methods are public, so dev mode's ``/collective_rpc`` (which
+Only five methods are public, so dev mode's ``/collective_rpc`` (which
 calls worker methods by name) reaches nothing else of ours:
 
-* ``rl_compat_ping`` and ``rl_compat_weight_spec`` read;
+* ``rl_compat_ping``, ``rl_compat_weight_spec``, ``rl_compat_step_times`` and
+  ``rl_compat_staging`` read;
 * ``rl_compat_txn(txn, step, proof, info)`` runs one step of the front end's
   transaction (``weights.transaction``) after checking its proof
   (``weights.proof``) and its order: ``start`` needs a fresh transaction id,
   every other step the open one; each step runs at most once.
 
 Steps: ``init`` / ``shutdown`` (vLLM's ``init_weight_transfer_engine`` /
-``shutdown_weight_transfer_engine``), ``start``, ``update:N`` (vLLM's
+``shutdown_weight_transfer_engine``), ``start`` (says whether this update is
+staged overlapped, ``weights.staging``), ``update:N`` (vLLM's
 ``start_weight_update`` / ``update_weights``: our backends validate into
-staging, ``weights.backends``), ``check`` (is the staging complete?),
-``finish`` (apply, refresh the fp32 head, vLLM's ``finish_weight_update``)
-and ``abort`` (drop the staging).
+staging, ``weights.backends``; overlapped, a staging thread does it and the
+RPC returns at once), ``poll:K`` (has the staging thread finished? its error
+if it failed), ``check`` (is the staging complete? overlapped: also prepare
+the packed state), ``finish`` (apply -- overlapped: swap pointers --, the fp32
+head, vLLM's ``finish_weight_update``) and ``abort`` (drop the staging).
 
 Apply path for our backends: on the CPU platform, for unquantized models made
 of packed linears, embeddings and plain layers, ``weights.apply_cpu`` (each
@@ -46,6 +50,19 @@ class WeightSyncExtension:
     def rl_compat_weight_spec(self) -> dict[str, Any]:
         """``{checkpoint name: (shape, dtype)}`` an update must provide exactly."""
         return _spec(self).as_dict()
+
+    def rl_compat_step_times(self, since: float = 0.0) -> list[float]:
+        """End times of recent engine steps (``weights.step_clock``)."""
+        from vllm_rl_compat.weights.step_clock import step_times
+
+        return step_times(since)
+
+    def rl_compat_staging(self) -> dict[str, bool]:
+        """Does this worker hold staged weights or run staging work? (memory)"""
+        engine = getattr(self, "weight_transfer_engine", None)
+        if engine is None or not _is_ours(engine):
+            return {"held": False, "busy": False}
+        return engine.staging_state()
 
     def rl_compat_txn(self, txn: str, step: str, proof: str, info: Any = None) -> Any:
         """Run one transaction step (refused without the front end's proof)."""
@@ -118,8 +135,21 @@ def _shutdown(worker: Any, engine: Any, info: Any) -> None:
     worker.shutdown_weight_transfer_engine()
 
 
-def _start(worker: Any, engine: Any, info: Any) -> None:
+def _start(worker: Any, engine: Any, info: Any) -> dict[str, Any]:
+    """Open the update; with our backends and ``info["staging"]`` not
+    ``in_pause``, stage it beside the live weights (``weights.staging``)."""
     worker.start_weight_update()
+    mode = (info or {}).get("staging", "in_pause")
+    if not _is_ours(engine) or mode == "in_pause":
+        return {"overlapped": False, "why": "in_pause"}
+    plan = _fast_reloader(worker) if (info or {}).get("allow_fast", True) else None
+    return engine.begin_overlapped(worker.model_runner.get_model(), plan,
+                                   explicit=mode == "overlapped",
+                                   max_gib=float((info or {}).get("max_gib", 0.0)))
+
+
+def _poll(worker: Any, engine: Any, info: Any) -> bool:
+    return engine.poll() if _is_ours(engine) else True
 
 
 def _update(worker: Any, engine: Any, info: Any) -> None:
@@ -132,6 +162,8 @@ def _check(worker: Any, engine: Any, info: Any) -> None:
 
 
 def _finish(worker: Any, engine: Any, allow_fast: Any) -> dict[str, Any]:
+    if _is_ours(engine) and engine.overlapped:
+        return _swap(worker, engine)
     fast = None
     if _is_ours(engine):
         model = worker.model_runner.get_model()
@@ -146,7 +178,17 @@ def _finish(worker: Any, engine: Any, allow_fast: Any) -> dict[str, Any]:
 
     refresh_head(worker.model_runner.get_model())
     return {"rank": int(getattr(worker, "rank", 0)), "head_refreshed": True,
-            "fast": fast is not None}
+            "fast": fast is not None, "overlapped": False}
+
+
+def _swap(worker: Any, engine: Any) -> dict[str, Any]:
+    """Install an overlapped update's prepared shadow: pointers only (the fp32
+    head's derived state was staged with it, so no refresh pass)."""
+    engine.take_stage().swap()
+    _reset_runner_caches(worker)
+    worker.finish_weight_update()
+    return {"rank": int(getattr(worker, "rank", 0)), "head_refreshed": True,
+            "fast": True, "overlapped": True}
 
 
 def _abort(worker: Any, engine: Any, info: Any) -> None:
@@ -157,7 +199,7 @@ def _abort(worker: Any, engine: Any, info: Any) -> None:
 
 
 _STEPS = {"init": _init, "shutdown": _shutdown, "start": _start, "update": _update,
-          "check": _check, "finish": _finish, "abort": _abort}
+          "poll": _poll, "check": _check, "finish": _finish, "abort": _abort}
 
 
 # ------------------------------------------------------------------ apply
@@ -188,6 +230,10 @@ def _apply_fast(worker: Any, fast: Any, model: Any,
 
     with set_current_vllm_config(worker.vllm_config):
         fast.apply(model, weights)
+    _reset_runner_caches(worker)
+
+
+def _reset_runner_caches(worker: Any) -> None:
     runner = worker.model_runner  # what GPUModelRunner.reload_weights resets too
     for reset in ("reset_lora_state", "reset_encoder_cache", "reset_mm_cache"):
         if hasattr(runner, reset):

@@ -1,0 +1,341 @@
+"""Overlapped staging: build the next weights beside the live ones while the
+engine keeps stepping, then swap them in at the pause (worker process).
+
+Why: the in-pause path (``weights.apply_cpu``) stops generation for the whole
+update -- receiving, validating, loading and, on CPU, re-packing every Linear
+for oneDNN -- about 10x a memcpy of the weights. Everything except the final
+pointer swap can happen while the engine decodes: the worker's engine thread
+runs the model, a staging thread (``StagingJob``) does the rest on another
+core.
+
+How, without touching anything the running model reads:
+
+* ``StagedWeights`` mirrors the model's module tree: a *shadow* of every
+  module, sharing its configuration (``__dict__`` copied shallowly) but with
+  its own parameters of the same class, shape and loader attributes (tied
+  parameters stay tied). The model's own ``load_weights`` runs on the shadow
+  root, so name mapping, qkv / gate_up stacking, TP sharding and each
+  parameter's ``weight_loader`` stay vLLM's, writing into the shadow.
+* On CPU a packed linear's live ``weight`` is empty (vLLM keeps only the
+  oneDNN / sgl handle): its shadow weight gets storage on the first loader
+  call; when every element has arrived (counted like vLLM's layerwise
+  reload), ``process_weights_after_loading`` runs on the shadow layer and
+  builds a *new* packed handle (vLLM can create a handle but not refill one)
+  and the unpacked staging copy is freed. ``prepare`` finishes the rest:
+  partly filled layers, linears vLLM kept unpacked, embedding heads (a tied
+  head shares one handle), and a tied fp32 head's shadow (``fp32_head``)
+  which the shadow embedding's loader fills.
+* ``swap`` (engine thread, at the pause): per module, each live parameter
+  takes its shadow's storage (``param.data = ...``: identity, ties and
+  every reference kept) and the attributes processing rebuilt
+  (``cpu_linear``, the fp32 head shadow) are re-pointed. O(modules), no byte
+  is copied.
+
+Memory: one extra copy of the weights plus packed handles until the swap
+(``staging_bytes``), refused beforehand when the machine (or the
+``weight_staging_max_gib`` budget) does not have it. Faults (bad tensors, a
+truncated file, a trainer that dies or stalls) fail the staging thread; the
+live model was never touched and the shadow is dropped.
+
+Qualifies exactly when the fast in-pause apply does
+(``apply_cpu.build_fast_reloader``): the CPU platform, unquantized models made
+of packed or kept linears, embeddings and plain layers.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import os
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
+
+import torch
+
+from vllm_rl_compat.weights.apply_cpu import (
+    FastReloader,
+    _restored_attrs,
+    rebuild_packed_heads,
+    reprocess,
+    reprocess_kept_linears,
+)
+
+logger = logging.getLogger("vllm.rl_compat")
+
+_TREE_KEYS = ("_parameters", "_buffers", "_modules")
+
+
+class StagingMemoryError(RuntimeError):
+    """Overlapped staging needs more memory than this machine can give it."""
+
+
+@dataclass
+class _PackedShadow:
+    """A packed linear's shadow weight and how much of it has arrived."""
+
+    layer: torch.nn.Module  # the shadow layer
+    meta: torch.Tensor  # the weight as vLLM recorded it before packing
+    loaded: int = 0
+    done: bool = False
+
+
+@dataclass
+class StagedWeights:
+    """The shadow tree of one model and the live modules it stands in for."""
+
+    model: torch.nn.Module
+    root: torch.nn.Module
+    pairs: list[tuple[torch.nn.Module, torch.nn.Module]]  # (live, shadow)
+    packed: list[_PackedShadow]
+    kept: list[torch.nn.Module]  # shadows of linears vLLM kept unpacked
+    embeddings: list[torch.nn.Module]  # shadows of embedding-kind modules
+    prepared: bool = False
+
+    def load(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Load (part of) a validated update into the shadow (staging thread)."""
+        with torch.no_grad():
+            self.root.load_weights(weights)
+
+    def prepare(self) -> None:
+        """Build every derived state the swap installs (staging thread)."""
+        with torch.no_grad():
+            for entry in self.packed:
+                if entry.loaded and not entry.done:  # padding: not every element came
+                    _pack(entry)
+            reprocess_kept_linears(self.kept)
+            rebuild_packed_heads(self.embeddings)
+        self.prepared = True
+
+    def swap(self) -> int:
+        """Install the staged state in the live model (engine thread, paused).
+
+        Returns the number of modules changed. Only pointers move.
+        """
+        if not self.prepared:
+            raise RuntimeError("staged weights swapped before prepare()")
+        with torch.no_grad():
+            for live, shadow in self.pairs:
+                for name, staged in shadow._parameters.items():
+                    current = live._parameters.get(name)
+                    if staged is not None and current is not None and staged is not current:
+                        current.data = staged.data
+                for key, value in shadow.__dict__.items():
+                    if key not in _TREE_KEYS and live.__dict__.get(key) is not value:
+                        live.__dict__[key] = value
+        return len(self.pairs)
+
+
+def build(model: torch.nn.Module, plan: FastReloader) -> StagedWeights:
+    """The shadow tree of ``model`` (no weight storage yet for packed layers)."""
+    from vllm_rl_compat.fp32_head import SHADOW_ATTR, staged_shadow_loader
+
+    packed_meta = {id(e.layer): e.meta for e in plan.packed}
+    kept, embeddings = {id(m) for m in plan.kept}, {id(m) for m in plan.embeddings}
+    modules: dict[int, torch.nn.Module] = {}
+    params: dict[int, torch.nn.Parameter] = {}
+    pairs: list[tuple[torch.nn.Module, torch.nn.Module]] = []
+    staged = StagedWeights(model, model, pairs, [], [], [])
+
+    def clone(module: torch.nn.Module) -> torch.nn.Module:
+        if id(module) in modules:
+            return modules[id(module)]
+        shadow = object.__new__(type(module))
+        shadow.__dict__.update(module.__dict__)
+        modules[id(module)] = shadow
+        shadow._buffers = dict(module._buffers)
+        shadow._modules = {n: clone(c) if c is not None else None
+                           for n, c in module._modules.items()}
+        shadow._parameters = {}
+        for name, param in module._parameters.items():
+            meta = packed_meta.get(id(module)) if name == "weight" else None
+            if param is None:
+                shadow._parameters[name] = None
+            elif meta is not None:
+                entry = _PackedShadow(shadow, meta)
+                staged.packed.append(entry)
+                shadow._parameters[name] = _packed_param(entry)
+            else:
+                shadow._parameters[name] = _param_like(param, params)
+        if SHADOW_ATTR in module.__dict__:
+            shadow.__dict__[SHADOW_ATTR] = _param_like(module.__dict__[SHADOW_ATTR], params)
+        if id(module) in kept:
+            staged.kept.append(shadow)
+        elif id(module) in embeddings:
+            staged.embeddings.append(shadow)
+        if any(p is not None for p in module._parameters.values()) or (
+                SHADOW_ATTR in module.__dict__):
+            pairs.append((module, shadow))
+        return shadow
+
+    staged.root = clone(model)
+    # A tied fp32 head's shadow is filled by the embedding's loader: point the
+    # shadow embedding's loader at the shadow head, not the live one.
+    for param in params.values():
+        loader = getattr(param, "weight_loader", None)
+        head = getattr(loader, "_rl_compat_head", None)
+        if head is not None:
+            param.weight_loader = staged_shadow_loader(loader, modules[id(head)])
+    return staged
+
+
+def _param_like(live: torch.nn.Parameter, memo: dict[int, torch.nn.Parameter]
+                ) -> torch.nn.Parameter:
+    """A parameter of ``live``'s class, shape, dtype and attributes, own storage."""
+    if id(live) in memo:
+        return memo[id(live)]
+    new = torch.nn.Parameter(torch.empty_like(live), requires_grad=False)
+    new.__class__ = live.__class__
+    new.__dict__.update(live.__dict__)
+    memo[id(live)] = new
+    return new
+
+
+def _packed_param(entry: _PackedShadow) -> torch.nn.Parameter:
+    """Like the parameter vLLM loaded into at start-up; storage on first use."""
+    from vllm.model_executor.model_loader.weight_utils import default_weight_loader
+
+    meta = entry.meta
+    param = torch.nn.Parameter(torch.empty(0, dtype=meta.dtype), requires_grad=False)
+    param.__class__ = meta.__class__
+    param.__dict__ = _restored_attrs(meta, entry.layer)
+    param.weight_loader = _counting(entry, param,
+                                    getattr(param, "weight_loader", default_weight_loader))
+    return param
+
+
+def _counting(entry: _PackedShadow, param: torch.nn.Parameter,
+              loader: Callable[..., Any]) -> Callable[..., Any]:
+    from vllm.model_executor.model_loader.reload.meta import CopyCounter
+
+    total = entry.meta.numel()
+
+    def weight_loader(*args: Any, **kwargs: Any) -> Any:
+        if param.numel() == 0:
+            meta = entry.meta
+            param.data = torch.empty_strided(tuple(meta.size()), tuple(meta.stride()),
+                                             dtype=meta.dtype, device="cpu")
+        with CopyCounter() as counter:
+            result = loader(*args, **kwargs)
+        entry.loaded += min(counter.copied_numel, total)
+        if entry.loaded >= total:
+            _pack(entry)
+        return result
+
+    return weight_loader
+
+
+def _pack(entry: _PackedShadow) -> None:
+    """Build the shadow layer's packed handle; its unpacked copy is freed."""
+    reprocess(entry.layer)
+    if entry.layer.weight.numel() != 0:
+        raise RuntimeError(f"{type(entry.layer).__name__}: vLLM kept this weight "
+                           f"unpacked on reload; overlapped staging does not apply")
+    entry.done = True
+
+
+# ------------------------------------------------------------------ memory
+def staging_bytes(spec_bytes: int, largest: int) -> int:
+    """Extra memory held until the swap: one copy of the weights (on CPU the
+    packed handles take the place of the unpacked copies as layers complete)
+    plus the largest tensor in flight."""
+    return int(spec_bytes + largest)
+
+
+def available_bytes(max_gib: float) -> tuple[int, str]:
+    """What staging may use: the machine's available memory, the cgroup's
+    headroom and the configured budget, whichever is smallest, and which."""
+    import psutil
+
+    limits = [(int(psutil.virtual_memory().available), "available system memory")]
+    cgroup = _cgroup_headroom()
+    if cgroup is not None:
+        limits.append((cgroup, "cgroup memory.max headroom"))
+    if max_gib > 0:
+        limits.append((int(max_gib * 2**30), "weight_staging_max_gib"))
+    return min(limits)
+
+
+def _cgroup_headroom() -> int | None:
+    try:
+        with open("/sys/fs/cgroup/memory.max") as f:
+            limit = f.read().strip()
+        if limit == "max":
+            return None
+        with open("/sys/fs/cgroup/memory.current") as f:
+            return int(limit) - int(f.read().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def check_fits(needed: int, max_gib: float) -> None:
+    have, what = available_bytes(max_gib)
+    if needed > have:
+        raise StagingMemoryError(
+            f"overlapped weight staging needs {needed / 2**20:.0f} MiB (one extra copy "
+            f"of the weights plus the largest tensor in flight) but {what} is "
+            f"{have / 2**20:.0f} MiB; use rl_compat.weight_staging='in_pause' (no "
+            f"extra copy) or free memory; model unchanged")
+
+
+# -------------------------------------------------------------- the thread
+@dataclass
+class StagingJob:
+    """One background thread per worker that runs staging work in order.
+
+    Its CPU affinity avoids the cores vLLM bound its compute threads to, when
+    the process has others, so staging does not slow the step it overlaps.
+    """
+
+    name: str = "rl-compat-staging"
+    _pool: concurrent.futures.ThreadPoolExecutor | None = None
+    _pending: list[concurrent.futures.Future] = field(default_factory=list)
+    _inflight: set[concurrent.futures.Future] = field(default_factory=set)
+
+    def submit(self, fn: Callable[[], Any]) -> None:
+        if self._pool is None:
+            self._pool = concurrent.futures.ThreadPoolExecutor(
+                1, thread_name_prefix=self.name, initializer=_staging_thread_setup,
+                initargs=(_compute_cpus(),))
+        future = self._pool.submit(fn)
+        self._inflight.add(future)
+        future.add_done_callback(self._inflight.discard)
+        self._pending.append(future)
+
+    def done(self) -> bool:
+        """``True`` when everything submitted finished; raises its first error."""
+        while self._pending and self._pending[0].done():
+            self._pending.pop(0).result()
+        return not self._pending
+
+    def busy(self) -> bool:
+        """Work submitted and not finished (cancelled work included)."""
+        return bool(self._inflight)
+
+    def cancel(self) -> None:
+        """Forget submitted work (a running item finishes on its own)."""
+        for future in self._pending:
+            future.cancel()
+        self._pending = []
+
+
+STAGING_NICE = 10
+
+
+def _compute_cpus() -> set[int]:
+    return set(os.sched_getaffinity(0))  # the engine thread's, inherited by OMP threads
+
+
+def _staging_thread_setup(compute: set[int]) -> None:
+    """Off the compute cores, and behind every other thread on the spare ones
+    (nice 10): the engine core's scheduler and the front end, which are on
+    the critical path of every step, run there too."""
+    tid = threading.get_native_id()
+    spare = set(range(os.cpu_count() or 1)) - compute
+    try:
+        if spare:
+            os.sched_setaffinity(tid, spare)
+        os.setpriority(os.PRIO_PROCESS, tid, STAGING_NICE)
+    except OSError:  # outside this process's cpuset, or not allowed: stay as we are
+        pass
+    torch.set_grad_enabled(False)
