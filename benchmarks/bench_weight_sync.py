@@ -10,7 +10,8 @@ swapped in a short pause; ``in_pause``: everything inside the pause) it runs
 
 * stall: the longest gap between two consecutive engine steps during the
   update (the worker's step clock, ``weights.step_clock``) minus the median
-  step time of the quiet window before it: what the update cost the engine;
+  step time of the quiet windows before and after it: what the update cost
+  the engine; beside it the same measure of the quiet window alone (noise);
 * pause-to-resume (the front end's pause, ``last_pause_seconds``);
 * end-to-end: the update call to its return, new version live (tensors:
   includes writing the shared-memory file; broadcast: from the receive call,
@@ -136,11 +137,14 @@ class Load:
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
-        params = SamplingParams(max_tokens=self.max_tokens, ignore_eos=True, temperature=1.0,
-                                output_kind=RequestOutputKind.DELTA)
         n = 0
         while self.running:
             n += 1
+            # staggered lengths: requests finish and start at different steps,
+            # so the batch (and the step time) stays about constant
+            length = 64 + (37 * i + 101 * n) % (self.max_tokens - 63)
+            params = SamplingParams(max_tokens=length, ignore_eos=True, temperature=1.0,
+                                    output_kind=RequestOutputKind.DELTA)
             async for out in self.engine.generate(f"Story {i}.{n}: once upon a time",
                                                   params, f"load-{i}-{n}"):
                 self.arrivals.append((time.monotonic(), len(out.outputs[0].token_ids)))
@@ -151,13 +155,16 @@ class Load:
         return sum(n for t, n in self.arrivals if t0 <= t < t1) / max(t1 - t0, 1e-9)
 
 
-def stall(steps: list[float], quiet: tuple[float, float], window: tuple[float, float]
-          ) -> tuple[float, float, float, list[float]]:
-    """Longest step gap touching ``window`` minus the quiet median step; that
-    median; the quiet window's own longest gap minus its median (the noise
-    floor of the measure); the gaps touching ``window``."""
+def stall(steps: list[float], quiet: tuple[float, float], window: tuple[float, float],
+          after: float) -> tuple[float, float, float, list[float]]:
+    """Longest step gap touching ``window`` minus the median step around it
+    (the quiet window before and ``after`` seconds after); that median; the
+    quiet window's own longest gap minus the same median (the noise floor of
+    the measure); the gaps touching ``window``."""
     q = [b - a for a, b in zip(steps, steps[1:]) if quiet[0] <= a and b <= quiet[1]]
-    median = statistics.median(q) if q else 0.0
+    around = q + [b - a for a, b in zip(steps, steps[1:])
+                  if window[1] <= a and b <= window[1] + after]
+    median = statistics.median(around) if around else 0.0
     gaps = [b - a for a, b in zip(steps, steps[1:]) if b >= window[0] and a <= window[1]]
     return max(gaps, default=0.0) - median, median, max(q, default=0.0) - median, gaps
 
@@ -183,9 +190,9 @@ async def one_update(sync, engine, load: Load, source: str, mode: str, model: st
     if trainer is not None:
         trainer.wait(60)
         await sync.disconnect_trainer()
-    await asyncio.sleep(0.2)  # a few steps after the resume
+    await asyncio.sleep(args.quiet)  # steps after the resume: the other half of the baseline
     steps = (await engine.collective_rpc("rl_compat_step_times", args=(quiet0,)))[0]
-    extra, step, noise, gaps = stall(steps, (quiet0, t0), (t0, t1))
+    extra, step, noise, gaps = stall(steps, (quiet0, t0), (t0, t1), args.quiet)
     print("  gaps ms:", [round(g * 1e3) for g in gaps], flush=True)
     return {"stall": extra, "step": step, "noise": noise, "pause": sync.last_pause_seconds,
             "e2e": t1 - t0, "tps_update": load.tok_per_s(t0, t1),
@@ -273,7 +280,7 @@ def main() -> None:
         steps.append(med(rs, "step"))
         table.append(
             f"| {source} | {mode} | {stall_s * 1e3:.0f} ({stall_s / copy_s:.1f}x) | "
-            f"{pause * 1e3:.0f} ({pause / copy_s:.1f}x) | {e2e * 1e3:.0f} ({e2e / copy_s:.1f}x)"
+            f"{med(rs, 'noise') * 1e3:.0f} | {pause * 1e3:.0f} ({pause / copy_s:.1f}x) | {e2e * 1e3:.0f} ({e2e / copy_s:.1f}x)"
             f" | {med(rs, 'tps_update'):.0f} / {med(rs, 'tps_quiet'):.0f} | "
             f"{med(rs, 'mem') / 2**20:.0f} |")
     lines = [machine.header("Weight updates of SmolLM2-135M on CPU under load: overlapped "
@@ -283,11 +290,13 @@ def main() -> None:
              f"{args.streams} streaming requests decoding throughout; {args.updates} updates "
              f"per source and mode, modes alternated, {args.quiet:.0f} s quiet before each; "
              f"medians. Stall = longest gap between two engine steps during the update minus "
-             f"the quiet median step ({statistics.median(steps) * 1e3:.0f} ms here); "
+             f"the median step of the {args.quiet:.0f} s before and after it "
+             f"({statistics.median(steps) * 1e3:.0f} ms here); noise = the same for the "
+             f"quiet window before (no update); "
              f"x = ratio to the memcpy; broadcast in chunks of {args.chunk_mb} MiB.", "",
-             "| source | staging | stall ms (x) | pause-to-resume ms (x) | end-to-end ms (x) | "
-             "decode tok/s during / quiet | peak extra MiB |",
-             "|---|---|---|---|---|---|---|", *table]
+             "| source | staging | stall ms (x) | noise ms | pause-to-resume ms (x) | "
+             "end-to-end ms (x) | decode tok/s during / quiet | peak extra MiB |",
+             "|---|---|---|---|---|---|---|---|", *table]
     machine.write_results("weight_sync", lines)
 
 
