@@ -60,7 +60,8 @@ class RLCompatConfig:
         "validates and prepares it (on CPU: new packed oneDNN handles) beside the "
         "live weights while the engine keeps decoding, then swaps pointers in a "
         "short pause (one extra copy of the weights until the swap; refused when it "
-        "does not fit); `in_pause` does all of it inside the pause (no extra copy); "
+        "does not fit); `in_pause` does all of it inside the pause (nothing held "
+        "while decoding); "
         "`auto`: overlapped where the model and memory allow (CPU, unquantized), "
         "else in the pause.", WEIGHT_STAGING_MODES)
     weight_staging_max_gib: float = _opt(

@@ -29,6 +29,7 @@ from the front end's transaction (``authorized``), so dev mode's
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
@@ -40,6 +41,8 @@ from vllm.distributed.weight_transfer.base import (
 )
 
 from vllm_rl_compat.weights.registry import BACKENDS
+
+logger = logging.getLogger("vllm.rl_compat")
 
 SOURCES = ("gloo", "files")
 
@@ -188,6 +191,7 @@ class RLCompatWeightTransferEngine(
         if reason is not None:
             if explicit:
                 raise WeightUpdateError(f"weight_staging='overlapped' refused: {reason}")
+            logger.info("this weight update is staged in the pause: %s", reason)
             return {"overlapped": False, "why": reason}
         self._overlap = _Overlap(staging.build(model, plan))
         if self._job is None:

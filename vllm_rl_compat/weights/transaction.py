@@ -70,7 +70,6 @@ class Transaction:
     started_at: float = 0.0
     paused_at: float | None = None
     overlapped: bool = False  # this update is staged beside the live weights
-    pauses: int = 0  # pauses this transaction made (a failed overlapped update makes none)
     last_pause_seconds: float | None = None  # pause to resume (0.0: never paused)
     last_update_seconds: float | None = None  # start to the new version live
     # per worker, the last successful apply: {"rank", "head_refreshed", "fast", "overlapped"}
@@ -161,7 +160,6 @@ class Transaction:
     def _pause(self) -> Steps:
         yield ("pause",)
         self.paused_by_us, self.paused_at = True, time.perf_counter()
-        self.pauses += 1
 
     def _wait(self) -> Steps:
         """Overlapped: poll until every worker's staging thread is done with
