@@ -47,8 +47,9 @@ from __future__ import annotations
 import concurrent.futures
 import logging
 import os
+import queue
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
 import torch
@@ -279,28 +280,42 @@ def check_fits(needed: int, max_gib: float) -> None:
 
 
 # -------------------------------------------------------------- the thread
-@dataclass
 class StagingJob:
     """One background thread per worker that runs staging work in order.
 
-    Its CPU affinity avoids the cores vLLM bound its compute threads to, when
-    the process has others, so staging does not slow the step it overlaps.
+    A daemon thread: a staging step left running (a trainer that never sends,
+    an update abandoned by its caller) must never keep the worker process
+    alive at shutdown. Its CPU affinity avoids the cores vLLM bound its
+    compute threads to, when the process has others, so staging does not slow
+    the step it overlaps.
     """
 
-    name: str = "rl-compat-staging"
-    _pool: concurrent.futures.ThreadPoolExecutor | None = None
-    _pending: list[concurrent.futures.Future] = field(default_factory=list)
-    _inflight: set[concurrent.futures.Future] = field(default_factory=set)
+    def __init__(self) -> None:
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._pending: list[concurrent.futures.Future] = []
+        self._inflight: set[concurrent.futures.Future] = set()
+        self._thread: threading.Thread | None = None
 
     def submit(self, fn: Callable[[], Any]) -> None:
-        if self._pool is None:
-            self._pool = concurrent.futures.ThreadPoolExecutor(
-                1, thread_name_prefix=self.name, initializer=_staging_thread_setup,
-                initargs=(_compute_cpus(),))
-        future = self._pool.submit(fn)
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, args=(_compute_cpus(),),
+                                            name="rl-compat-staging", daemon=True)
+            self._thread.start()
+        future: concurrent.futures.Future = concurrent.futures.Future()
         self._inflight.add(future)
-        future.add_done_callback(self._inflight.discard)
         self._pending.append(future)
+        self._queue.put((future, fn))
+
+    def _run(self, compute: set[int]) -> None:
+        _staging_thread_setup(compute)
+        while True:
+            future, fn = self._queue.get()
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(fn())
+                except BaseException as exc:  # noqa: BLE001 - reported by done()
+                    future.set_exception(exc)
+            self._inflight.discard(future)
 
     def done(self) -> bool:
         """``True`` when everything submitted finished; raises its first error."""
