@@ -22,6 +22,9 @@ pytestmark = pytest.mark.engine
 
 PROMPT = [(7 * i) % 40000 + 100 for i in range(300)]  # several full blocks
 OTHER = [(11 * i) % 40000 + 100 for i in range(300)]
+# The versioned engine's KV cache: 12 blocks of 128 tokens (11 usable); a
+# 300-token prompt with 4 new tokens takes 3 (two full, cached, one partial).
+BLOCKS = 12
 
 
 def _gen(llm: Any, prompt: list[int], salt: str | None = None, n: int = 1) -> Any:
@@ -52,8 +55,8 @@ def engines(tiny_model) -> Any:
     plain = make_llm(a, additional_config={"rl_compat": {"disable_prefix_caching": False}},
                      **EAGER)
     versioned = make_llm(a, additional_config={"rl_compat": {"prefix_cache": "versioned"}},
-                         disable_log_stats=False, **EAGER)
-    yield {"b": b, "plain": (plain, WeightSync(plain)),
+                         disable_log_stats=False, num_gpu_blocks_override=BLOCKS, **EAGER)
+    yield {"a": a, "b": b, "plain": (plain, WeightSync(plain)),
            "versioned": (versioned, WeightSync(versioned))}
     shutdown(plain)
     shutdown(versioned)
@@ -116,3 +119,31 @@ def test_user_salt_still_separates_users(engines) -> None:
     assert _gen(versioned, prompt, salt="alice").num_cached_tokens > 0
     assert _gen(versioned, prompt, salt="bob").num_cached_tokens == 0
     assert _gen(versioned, prompt).num_cached_tokens == 0  # no salt: another key again
+
+
+def _filler(k: int) -> list[int]:
+    return [(97 * k + 13 * i) % 40000 + 100 for i in range(300)]
+
+
+def test_old_version_blocks_are_evicted_first(engines, tiny_model) -> None:
+    """After an update no request can hit a block of an older version; vLLM's
+    free-block queue evicts the least recently freed cached block first (a
+    request's uncached partial block is re-used before any cached one), and
+    every old-version block was freed before the update, so under memory
+    pressure they go before any block of the new version: no freeing step is
+    needed. Here each 300-token request evicts two cached blocks; 4 requests
+    evict 8 of the 9 old ones and keep the new version's 2, a 5th would not."""
+    versioned, sync = engines["versioned"]
+    assert versioned.llm_engine.vllm_config.cache_config.num_gpu_blocks == BLOCKS
+    for k in range(3):  # fill the cache with the current version's blocks
+        _gen(versioned, _filler(k))
+    sync.update_from_files(engines["a"])  # every cached block is old now
+    prompt = [(17 * i) % 40000 + 100 for i in range(300)]
+    _gen(versioned, prompt)
+    assert _gen(versioned, prompt).num_cached_tokens == 256  # the new version's 2 blocks
+    for k in range(10, 14):
+        assert _gen(versioned, _filler(k)).num_cached_tokens == 0
+    assert _gen(versioned, prompt).num_cached_tokens == 256  # old blocks went first
+    for k in range(20, 25):  # the pressure is real: one more request evicts it too
+        _gen(versioned, _filler(k))
+    assert _gen(versioned, prompt).num_cached_tokens == 0
