@@ -82,7 +82,6 @@ class _Packed:
     param: torch.nn.Parameter  # the live weight between updates (numel 0)
     meta: torch.Tensor  # original weight (class, attributes, shape), recorded by vLLM
     loading: torch.nn.Parameter | None = None  # stands in for ``param`` during an apply
-    loaded: int = 0
     active: bool = False
 
 
@@ -118,34 +117,11 @@ class FastReloader:
                 del free[1:]
 
     def _loading_param(self, entry: _Packed) -> torch.nn.Parameter:
-        """A parameter like the one vLLM loaded into at start-up (class, loader
-        attributes), without storage until its first loader call."""
-        from vllm.model_executor.model_loader.weight_utils import default_weight_loader
+        def storage() -> torch.Tensor:
+            entry.active = True
+            return self._take(entry.meta)
 
-        param = torch.nn.Parameter(torch.empty(0, dtype=entry.meta.dtype), requires_grad=False)
-        param.__class__ = entry.meta.__class__
-        param.__dict__ = _restored_attrs(entry.meta, entry.layer)
-        loader = getattr(param, "weight_loader", default_weight_loader)
-        param.weight_loader = self._counting_loader(entry, loader)
-        return param
-
-    def _counting_loader(self, entry: _Packed, loader: Callable[..., Any]) -> Callable[..., Any]:
-        from vllm.model_executor.model_loader.reload.meta import CopyCounter
-
-        total = entry.meta.numel()
-
-        def weight_loader(*args: Any, **kwargs: Any) -> Any:
-            if not entry.active:
-                entry.loading.data = self._take(entry.meta)
-                entry.loaded, entry.active = 0, True
-            with CopyCounter() as counter:
-                result = loader(*args, **kwargs)
-            entry.loaded += min(counter.copied_numel, total)
-            if entry.loaded >= total:
-                self._finish(entry)
-            return result
-
-        return weight_loader
+        return counted_param(entry.meta, entry.layer, storage, lambda: self._finish(entry))
 
     def _finish(self, entry: _Packed) -> None:
         """Re-pack a loaded layer, then put its live (empty) parameter back."""
@@ -165,14 +141,48 @@ class FastReloader:
 
     def _take(self, meta: torch.Tensor) -> torch.Tensor:
         free = self.pool.get(_key(meta))
-        if free:
-            return free.pop()
-        return torch.empty_strided(tuple(meta.size()), tuple(meta.stride()),
-                                   dtype=meta.dtype, device="cpu")
+        return free.pop() if free else empty_like_meta(meta)
 
 
 def _key(meta: torch.Tensor) -> tuple:
     return tuple(meta.size()), tuple(meta.stride()), meta.dtype
+
+
+def empty_like_meta(meta: torch.Tensor) -> torch.Tensor:
+    """CPU storage of the weight vLLM recorded (shape, strides, dtype)."""
+    return torch.empty_strided(tuple(meta.size()), tuple(meta.stride()),
+                               dtype=meta.dtype, device="cpu")
+
+
+def counted_param(meta: torch.Tensor, layer: torch.nn.Module,
+                  storage: Callable[[], torch.Tensor],
+                  on_complete: Callable[[], None]) -> torch.nn.Parameter:
+    """A parameter like the one vLLM loaded a packed weight into at start-up
+    (class, loader attributes re-bound to ``layer``), without storage until its
+    first loader call (``storage()`` gives it). ``on_complete`` runs when every
+    element has arrived, counted like vLLM's layerwise reload (``CopyCounter``);
+    it must empty the parameter (re-pack), so a later call starts afresh."""
+    from vllm.model_executor.model_loader.reload.meta import CopyCounter
+    from vllm.model_executor.model_loader.weight_utils import default_weight_loader
+
+    param = torch.nn.Parameter(torch.empty(0, dtype=meta.dtype), requires_grad=False)
+    param.__class__ = meta.__class__
+    param.__dict__ = _restored_attrs(meta, layer)
+    loader = getattr(param, "weight_loader", default_weight_loader)
+    total, loaded = meta.numel(), [0]
+
+    def weight_loader(*args: Any, **kwargs: Any) -> Any:
+        if param.numel() == 0:
+            param.data, loaded[0] = storage(), 0
+        with CopyCounter() as counter:
+            result = loader(*args, **kwargs)
+        loaded[0] += min(counter.copied_numel, total)
+        if loaded[0] >= total:
+            on_complete()
+        return result
+
+    param.weight_loader = weight_loader
+    return param
 
 
 def reprocess(module: torch.nn.Module) -> None:

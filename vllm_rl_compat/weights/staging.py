@@ -56,7 +56,8 @@ import torch
 
 from vllm_rl_compat.weights.apply_cpu import (
     FastReloader,
-    _restored_attrs,
+    counted_param,
+    empty_like_meta,
     rebuild_packed_heads,
     reprocess,
     reprocess_kept_linears,
@@ -73,11 +74,10 @@ class StagingMemoryError(RuntimeError):
 
 @dataclass
 class _PackedShadow:
-    """A packed linear's shadow weight and how much of it has arrived."""
+    """A packed linear's shadow layer and whether its handle is built."""
 
     layer: torch.nn.Module  # the shadow layer
     meta: torch.Tensor  # the weight as vLLM recorded it before packing
-    loaded: int = 0
     done: bool = False
 
 
@@ -85,7 +85,6 @@ class _PackedShadow:
 class StagedWeights:
     """The shadow tree of one model and the live modules it stands in for."""
 
-    model: torch.nn.Module
     root: torch.nn.Module
     pairs: list[tuple[torch.nn.Module, torch.nn.Module]]  # (live, shadow)
     packed: list[_PackedShadow]
@@ -102,7 +101,8 @@ class StagedWeights:
         """Build every derived state the swap installs (staging thread)."""
         with torch.no_grad():
             for entry in self.packed:
-                if entry.loaded and not entry.done:  # padding: not every element came
+                # part of it loaded (padding: not every element came)
+                if not entry.done and entry.layer.weight.numel():
                     _pack(entry)
             reprocess_kept_linears(self.kept)
             rebuild_packed_heads(self.embeddings)
@@ -136,7 +136,7 @@ def build(model: torch.nn.Module, plan: FastReloader) -> StagedWeights:
     modules: dict[int, torch.nn.Module] = {}
     params: dict[int, torch.nn.Parameter] = {}
     pairs: list[tuple[torch.nn.Module, torch.nn.Module]] = []
-    staged = StagedWeights(model, model, pairs, [], [], [])
+    staged = StagedWeights(model, pairs, [], [], [])
 
     def clone(module: torch.nn.Module) -> torch.nn.Module:
         if id(module) in modules:
@@ -193,45 +193,20 @@ def _param_like(live: torch.nn.Parameter, memo: dict[int, torch.nn.Parameter]
 
 
 def _packed_param(entry: _PackedShadow) -> torch.nn.Parameter:
-    """Like the parameter vLLM loaded into at start-up; storage on first use."""
-    from vllm.model_executor.model_loader.weight_utils import default_weight_loader
-
-    meta = entry.meta
-    param = torch.nn.Parameter(torch.empty(0, dtype=meta.dtype), requires_grad=False)
-    param.__class__ = meta.__class__
-    param.__dict__ = _restored_attrs(meta, entry.layer)
-    param.weight_loader = _counting(entry, param,
-                                    getattr(param, "weight_loader", default_weight_loader))
-    return param
-
-
-def _counting(entry: _PackedShadow, param: torch.nn.Parameter,
-              loader: Callable[..., Any]) -> Callable[..., Any]:
-    from vllm.model_executor.model_loader.reload.meta import CopyCounter
-
-    total = entry.meta.numel()
-
-    def weight_loader(*args: Any, **kwargs: Any) -> Any:
-        if param.numel() == 0:
-            meta = entry.meta
-            param.data = torch.empty_strided(tuple(meta.size()), tuple(meta.stride()),
-                                             dtype=meta.dtype, device="cpu")
-        with CopyCounter() as counter:
-            result = loader(*args, **kwargs)
-        entry.loaded += min(counter.copied_numel, total)
-        if entry.loaded >= total:
-            _pack(entry)
-        return result
-
-    return weight_loader
+    """Like the parameter vLLM loaded into at start-up; storage on first use,
+    packed (and the staging copy freed) when its last element arrives."""
+    return counted_param(entry.meta, entry.layer, lambda: empty_like_meta(entry.meta),
+                         lambda: _pack(entry))
 
 
 def _pack(entry: _PackedShadow) -> None:
     """Build the shadow layer's packed handle; its unpacked copy is freed."""
+    staged = entry.layer.weight
     reprocess(entry.layer)
     if entry.layer.weight.numel() != 0:
         raise RuntimeError(f"{type(entry.layer).__name__}: vLLM kept this weight "
                            f"unpacked on reload; overlapped staging does not apply")
+    staged.data = torch.empty(0, dtype=entry.meta.dtype)  # now, not at the next GC
     entry.done = True
 
 
