@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 import torch
 from vllm.distributed.weight_transfer.base import (
@@ -93,9 +93,12 @@ class _Overlap:
     def seen(self) -> set[str]:
         return {name for name, _, _ in self.entries}
 
-    def add(self, items: list[tuple[str, torch.Tensor]]) -> list[tuple[str, torch.Tensor]]:
-        self.entries.extend((n, tuple(t.shape), t.dtype) for n, t in items)
-        return items
+    def track(self, items: Iterable[tuple[str, torch.Tensor]]
+              ) -> Iterator[tuple[str, torch.Tensor]]:
+        """``items``, each recorded as it passes (for the completeness check)."""
+        for name, tensor in items:
+            self.entries.append((name, tuple(tensor.shape), tensor.dtype))
+            yield name, tensor
 
 
 class RLCompatWeightTransferEngine(
@@ -224,10 +227,12 @@ class RLCompatWeightTransferEngine(
     def _stage_chunk(self, overlap: _Overlap, update_info: RLCompatUpdateInfo) -> None:
         """Staging thread: receive / read, validate, load into the shadow."""
         seen = overlap.seen()
+        items: Iterable[tuple[str, torch.Tensor]]
         if update_info.source == "gloo":
-            overlap.stage.load(overlap.add(self._receive_broadcast(seen)))
+            items = self._receive_broadcast(seen)
         else:
-            overlap.stage.load(self._stream_files(update_info.path, seen, overlap))
+            items = self._stream_files(update_info.path, seen)
+        overlap.stage.load(overlap.track(items))
 
     def _receive_broadcast(self, seen: set[str]) -> list[tuple[str, torch.Tensor]]:
         if self._group is None:
@@ -245,8 +250,7 @@ class RLCompatWeightTransferEngine(
     def _read_files(self, path: str, seen: set[str]) -> list[tuple[str, torch.Tensor]]:
         return list(self._stream_files(path, seen))
 
-    def _stream_files(self, path: str, seen: set[str], overlap: _Overlap | None = None
-                      ) -> Iterator[tuple[str, torch.Tensor]]:
+    def _stream_files(self, path: str, seen: set[str]) -> Iterator[tuple[str, torch.Tensor]]:
         """Validate every header first, then yield the tensors one by one."""
         from safetensors import safe_open
 
@@ -258,10 +262,7 @@ class RLCompatWeightTransferEngine(
             try:
                 with safe_open(file, framework="pt") as f:
                     for name in f.keys():
-                        tensor = f.get_tensor(name)
-                        if overlap is not None:
-                            overlap.add([(name, tensor)])
-                        yield name, tensor
+                        yield name, f.get_tensor(name)
             except Exception as exc:  # truncated file, changed under us, ...
                 raise WeightUpdateError(f"cannot read safetensors file {file!r}, model "
                                         f"unchanged: {exc}") from exc
