@@ -101,6 +101,18 @@ def test_non_streaming_choices_carry_spans() -> None:
         assert {k: v for k, v in choice.items() if k != "weight_versions"} == plain
 
 
+def test_prompt_spans_ride_beside_the_token_spans() -> None:
+    """``prompt_weight_versions`` (``kv_versions_output`` sets it on the
+    completion) is stamped the same way; an unknown version is ``null``."""
+    out = _out(0, [5, 6, 7], "length", SPANS)
+    out.prompt_weight_versions = [WeightVersionSpan(None, 0, 1), WeightVersionSpan("2", 1, 3)]
+    body = _completion_response(OpenAIServingCompletion.request_output_to_completion_response,
+                                [_res([out], True)])
+    assert body["choices"][0]["prompt_weight_versions"] == [
+        {"version": None, "start": 0, "end": 1}, {"version": "2", "start": 1, "end": 3}]
+    assert body["choices"][0]["weight_versions"] == SPANS_JSON
+
+
 def _completion_stream(method: Any, results: list[tuple[int, RequestOutput]],
                        n: int = 1) -> list[dict]:
     from vllm.entrypoints.generate.base.protocol import RequestResponseMetadata

@@ -7,7 +7,9 @@ logprobs differ from the new weights' (the stale hit, asserted); with the
 versioned cache it misses, equals a cache-free computation on the new weights
 bit for bit, and later requests of the new version hit again. Within one
 version, the n = 8 children of a long prompt share its blocks (vLLM's own
-prefix-cache counters); a user's ``cache_salt`` still separates users.
+prefix-cache counters); a user's ``cache_salt`` still separates users. Each
+completion reports which version computed its prompt KV (the stale hit shows
+as old-version positions).
 """
 
 from __future__ import annotations
@@ -64,11 +66,20 @@ def engines(tiny_model) -> Any:
 
 def _before_and_after_update(llm: Any, sync: Any, b: str) -> tuple[Any, Any]:
     """The prompt under A (cached), then under B right after the update."""
-    _gen(llm, PROMPT)
+    first = _gen(llm, PROMPT)
     warm = _gen(llm, PROMPT)
     assert warm.num_cached_tokens > 0  # prefix caching is on in both engines
+    # Computed, then read from the cache: the same version either way.
+    assert _prompt(first) == _prompt(warm) == [(sync.version, 0, len(PROMPT))]
     sync.update_from_files(b)
     return warm, _gen(llm, PROMPT)
+
+
+def _prompt(out: Any) -> list[tuple[Any, int, int]]:
+    """Which version computed each prompt position's KV (``kv_versions``)."""
+    from vllm_rl_compat.weight_sync import prompt_versions
+
+    return prompt_versions(out.outputs[0])
 
 
 def test_versioned_cache_is_exact_across_an_update(engines) -> None:
@@ -82,8 +93,12 @@ def test_versioned_cache_is_exact_across_an_update(engines) -> None:
     plain.reset_prefix_cache()  # nothing cached: the new weights' own numbers
     fresh_b = _gen(plain, PROMPT)
     assert fresh_b.num_cached_tokens == 0
-    # The hazard: stock caching reuses KV computed under the old weights.
+    # The hazard: stock caching reuses KV computed under the old weights, and
+    # the completion says so: its first tokens' KV is the old version's.
     assert stale.num_cached_tokens > 0 and _sample(stale) != _sample(fresh_b)
+    hit, v = stale.num_cached_tokens, plain_sync.version
+    assert _prompt(stale) == [(v - 1, 0, hit), (v, hit, len(PROMPT))]
+    assert _prompt(fresh_b) == [(v, 0, len(PROMPT))]
 
     _, after = _before_and_after_update(versioned, versioned_sync, b)
     assert after.num_cached_tokens == 0
@@ -91,6 +106,7 @@ def test_versioned_cache_is_exact_across_an_update(engines) -> None:
     again = _gen(versioned, PROMPT)  # the new version's blocks are shared again
     assert again.num_cached_tokens > 0
     assert [v for v, _, _ in _versions(after)] == [versioned_sync.version]
+    assert _prompt(after) == _prompt(again) == [(versioned_sync.version, 0, len(PROMPT))]
 
 
 def _versions(out: Any) -> list[tuple[Any, int, int]]:
@@ -100,6 +116,8 @@ def _versions(out: Any) -> list[tuple[Any, int, int]]:
 
 
 def test_n_children_share_the_prompt(engines) -> None:
+    from vllm_rl_compat.weight_sync import prompt_versions
+
     versioned, _ = engines["versioned"]
     block = versioned.llm_engine.vllm_config.cache_config.block_size
     before = _counters(versioned)
@@ -110,6 +128,8 @@ def test_n_children_share_the_prompt(engines) -> None:
     queries = after["vllm:prefix_cache_queries"] - before["vllm:prefix_cache_queries"]
     assert queries >= 8 * len(OTHER) - 8  # every child looked the prompt up
     assert hits >= 7 * (len(OTHER) - block)  # computed once, read by the other 7
+    version = engines["versioned"][1].version
+    assert all(prompt_versions(c) == [(version, 0, len(OTHER))] for c in out.outputs)
 
 
 def test_user_salt_still_separates_users(engines) -> None:

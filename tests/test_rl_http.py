@@ -276,7 +276,7 @@ def test_completions_carry_weight_versions(servers) -> None:
     """RL mode puts each choice's weight-version spans on ``/v1/completions``
     (``weights.openai_versions``): on every choice without streaming, on the
     choice's final chunk when streaming; they cover all output tokens, with
-    the server's current label."""
+    the server's current label; the prompt KV's spans cover the prompt."""
     port = servers["rl"]
     body = {"prompt": PROMPTS[0], "max_tokens": 5, "ignore_eos": True}
     status, resp = call(port, "POST", "/v1/completions", body, token=None)
@@ -290,3 +290,8 @@ def test_completions_carry_weight_versions(servers) -> None:
     streamed = sum(len(c.get("token_ids") or []) for c in choices)
     assert streamed == 5, choices
     _assert_spans_cover(finals[0]["weight_versions"], streamed, label)
+    # The prompt KV's version beside them (``kv_versions``), over prompt positions.
+    prompt_len = resp["usage"]["prompt_tokens"]
+    _assert_spans_cover(resp["choices"][0]["prompt_weight_versions"], prompt_len, label)
+    _assert_spans_cover(finals[0]["prompt_weight_versions"], prompt_len, label)
+    assert all("prompt_weight_versions" not in c for c in choices[:-1]), choices

@@ -6,7 +6,8 @@ every request finishes with exactly its token budget (deltas add up, nothing
 lost or duplicated), the per-token version spans cover every token, never
 decrease, and agree with when the updates happened as the client saw them (a
 token received while version v was current cannot come from a later
-version), and at least one request spans several versions.
+version), and at least one request spans several versions; the prompt KV of
+each request is reported as the first version's.
 """
 
 from __future__ import annotations
@@ -16,7 +17,12 @@ import time
 
 import pytest
 
-from vllm_rl_compat.weight_sync import AsyncWeightSync, WeightUpdateError, token_versions
+from vllm_rl_compat.weight_sync import (
+    AsyncWeightSync,
+    WeightUpdateError,
+    prompt_versions,
+    token_versions,
+)
 
 N_REQUESTS = 6
 MAX_TOKENS = 40
@@ -108,6 +114,10 @@ async def _run(model_a: str, model_b: str) -> None:
                 assert all(v <= current for v in per_token[pos:pos + n]), (rid, spans, seen)
                 pos += n
             multi += len(spans) > 1
+            # Keep mode: the prompt KV stays the first version's, however many
+            # versions sampled the tokens (``kv_versions``).
+            prompt = (spans[0][0], 0, len(out.prompt_token_ids))
+            assert prompt_versions(out.outputs[0]) == [prompt], (rid, spans)
         assert multi >= 1, "no request ran across an update: keep mode not exercised"
 
         # A bad update while requests run: rejected, generation continues.

@@ -27,6 +27,8 @@ def _register_once() -> None:
     from vllm_rl_compat import engine_settings, fp32_head, prefix_cache, seeded_sampling
     from vllm_rl_compat.weights import (
         http,
+        kv_versions,
+        kv_versions_output,
         native,
         openai_versions,
         proof,
@@ -43,6 +45,8 @@ def _register_once() -> None:
     registry.register()
     versions.install_version_label()
     prefix_cache.install()
+    kv_versions.install()
+    kv_versions_output.install()
     native.install()
     step_clock.install()
     http.install()

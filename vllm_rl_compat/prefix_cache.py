@@ -13,8 +13,8 @@ How (engine core process only): vLLM already mixes a request's
 chains from it. ``EngineCore.add_request`` is wrapped to salt each request,
 ``n > 1`` children included (they are separate engine-core requests), with
 the current weight version (combined with the user's own salt, which still
-separates users), and ``EngineCore.set_weight_version`` (where every update's
-version lands, while generation is paused) re-salts the requests still
+separates users), and when an update's version lands (``EngineCore.set_weight_version``,
+while generation is paused; ``versions.on_version_change``) it re-salts the requests still
 waiting in the scheduler, so a request queued during an update is keyed by
 the version it will run under. Running requests kept across an update (keep
 mode) keep their own KV and salt; new requests cannot reach their blocks.
@@ -73,26 +73,26 @@ def _wrap_add_request(original: Any) -> Any:
     return add_request
 
 
-def _wrap_set_weight_version(original: Any) -> Any:
-    def set_weight_version(self: Any, weight_version: str, *args: Any, **kwargs: Any) -> Any:
-        result = original(self, weight_version, *args, **kwargs)
-        version = _current_salt_version(self)
-        if version is not None:
-            # Not yet started: keyed by the version they will run under.
-            # (Requests holding KV blocks from a connector are left alone.)
-            for request in self.scheduler.waiting:
-                if request.num_computed_tokens == 0:
-                    salt_request(request, version)
-        return result
-    return set_weight_version
+def resalt_waiting(core: Any) -> None:
+    """After a version lands (``versions.on_version_change``): key the requests
+    not yet started by the version they will run under."""
+    version = _current_salt_version(core)
+    if version is None:
+        return
+    # (Requests holding KV blocks from a connector are left alone.)
+    for request in core.scheduler.waiting:
+        if request.num_computed_tokens == 0:
+            salt_request(request, version)
 
 
 def install() -> None:
     """Wrap the engine core's admission and version change (idempotent)."""
     from vllm_rl_compat.patching import patch_method, when_imported
+    from vllm_rl_compat.weights.versions import on_version_change
 
     def apply(module: Any) -> None:
         patch_method(module.EngineCore, "add_request", _wrap_add_request)
-        patch_method(module.EngineCore, "set_weight_version", _wrap_set_weight_version)
+
+    on_version_change(resalt_waiting)
 
     when_imported("vllm.v1.engine.core", apply)

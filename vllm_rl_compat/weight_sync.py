@@ -9,7 +9,8 @@ The implementation lives in ``vllm_rl_compat.weights``; see
 from vllm_rl_compat.weights.frontend import AsyncWeightSync, WeightSync
 from vllm_rl_compat.weights.spec import WeightSyncCorruptedError, WeightUpdateError
 from vllm_rl_compat.weights.transaction import TransactionStateError
-from vllm_rl_compat.weights.versions import token_versions
+from vllm_rl_compat.weights.versions import prompt_versions, token_versions
 
 __all__ = ["AsyncWeightSync", "TransactionStateError", "WeightSync",
-           "WeightSyncCorruptedError", "WeightUpdateError", "token_versions"]
+           "WeightSyncCorruptedError", "WeightUpdateError", "prompt_versions",
+           "token_versions"]

@@ -19,6 +19,9 @@ serving modules (the API server; engine cores and workers never do):
 * ``/v1/chat/completions``: the same
   (``OpenAIServingChat.chat_completion_full_generator`` /
   ``chat_completion_stream_generator``).
+* beside it, ``"prompt_weight_versions"``: the same spans over prompt
+  positions, the weights that computed the prompt KV the choice attended to
+  (``kv_versions``; ``"version": null`` where unknown).
 
 The spans are vLLM's own, as on the token-in/token-out route: they index the
 choice's output tokens (never echoed prompt tokens) and cover all of them;
@@ -56,10 +59,12 @@ import logging
 from typing import Any, AsyncIterator, Callable
 
 from vllm_rl_compat.patching import patch_method, when_imported
+from vllm_rl_compat.weights.versions import PROMPT_FIELD
 
 logger = logging.getLogger("vllm.rl_compat")
 
 FIELD = "weight_versions"
+FIELDS = (FIELD, PROMPT_FIELD)  # output tokens; prompt positions (``kv_versions``)
 COMPLETION_MODULE = "vllm.entrypoints.openai.completion.serving"
 CHAT_MODULE = "vllm.entrypoints.openai.chat_completion.serving"
 _SSE_PREFIX = "data: "
@@ -80,14 +85,19 @@ def spans_json(spans: Any) -> list[dict[str, Any]] | None:
     """vLLM's ``WeightVersionSpan`` list as JSON objects (``None`` stays ``None``)."""
     if spans is None:
         return None
-    return [{"version": str(s.version), "start": int(s.start), "end": int(s.end)}
-            for s in spans]
+    return [{"version": None if s.version is None else str(s.version),
+             "start": int(s.start), "end": int(s.end)} for s in spans]
 
 
-def _stamp(choice: Any, spans: Any) -> None:
-    value = spans_json(spans)
-    if value is not None:
-        setattr(choice, FIELD, value)
+def _fields(output: Any) -> dict[str, list[dict[str, Any]]]:
+    """The span fields of a vLLM ``CompletionOutput`` that are set, as JSON."""
+    values = {name: spans_json(getattr(output, name, None)) for name in FIELDS}
+    return {name: value for name, value in values.items() if value is not None}
+
+
+def _stamp(choice: Any, output: Any) -> None:
+    for name, value in _fields(output).items():
+        setattr(choice, name, value)
 
 
 def _require(module: Any, name: str) -> Any:
@@ -128,7 +138,7 @@ def _wrap_completion_response(original: Callable[..., Any]) -> Callable[..., Any
                            len(response.choices), len(outputs), FIELD)
             return response
         for choice, output in zip(response.choices, outputs):
-            _stamp(choice, output.weight_versions)
+            _stamp(choice, output)
         return response
     return request_output_to_completion_response
 
@@ -138,7 +148,7 @@ def _wrap_completion_stream(original: Callable[..., Any]) -> Callable[..., Any]:
                                     result_generator: Any, *args: Any,
                                     **kwargs: Any) -> AsyncIterator[str]:
         num_choices = 1 if request.n is None else request.n
-        pending: dict[int, list[dict[str, Any]]] = {}
+        pending: dict[int, dict[str, Any]] = {}
 
         def record(item: tuple[int, Any]) -> None:
             prompt_idx, res = item
@@ -179,7 +189,7 @@ def _wrap_chat_full(original: Callable[..., Any]) -> Callable[..., Any]:
             for choice in choices:
                 output = by_index.get(choice.index)
                 if output is not None:
-                    _stamp(choice, output.weight_versions)
+                    _stamp(choice, output)
         return response
     return chat_completion_full_generator
 
@@ -187,7 +197,7 @@ def _wrap_chat_full(original: Callable[..., Any]) -> Callable[..., Any]:
 def _wrap_chat_stream(original: Callable[..., Any]) -> Callable[..., Any]:
     def chat_completion_stream_generator(self: Any, request: Any, result_generator: Any,
                                          *args: Any, **kwargs: Any) -> AsyncIterator[str]:
-        pending: dict[int, list[dict[str, Any]]] = {}
+        pending: dict[int, dict[str, Any]] = {}
 
         def record(res: Any) -> None:
             for output in res.outputs:  # the chat choice index is output.index
@@ -201,11 +211,11 @@ def _wrap_chat_stream(original: Callable[..., Any]) -> Callable[..., Any]:
 # -- streaming helpers -------------------------------------------------------------
 
 
-def _pend(pending: dict[int, list[dict[str, Any]]], index: int, output: Any) -> None:
+def _pend(pending: dict[int, dict[str, Any]], index: int, output: Any) -> None:
     """Remember a finished output's spans until its final chunk goes out."""
-    value = spans_json(getattr(output, FIELD, None))
-    if value is not None and output.finish_reason is not None:
-        pending[index] = value
+    values = _fields(output)
+    if values and output.finish_reason is not None:
+        pending[index] = values
 
 
 async def _observe(results: AsyncIterator[Any], record: Callable[[Any], None]
@@ -221,7 +231,7 @@ async def _observe(results: AsyncIterator[Any], record: Callable[[Any], None]
             await aclose()
 
 
-async def _stamped(stream: Any, pending: dict[int, list[dict[str, Any]]]
+async def _stamped(stream: Any, pending: dict[int, dict[str, Any]]
                    ) -> AsyncIterator[str]:
     """vLLM's SSE strings, the finishing chunk of each pending choice with its spans."""
     try:
@@ -231,7 +241,7 @@ async def _stamped(stream: Any, pending: dict[int, list[dict[str, Any]]]
         await stream.aclose()
 
 
-def _stamp_chunk(data: str, pending: dict[int, list[dict[str, Any]]]) -> str:
+def _stamp_chunk(data: str, pending: dict[int, dict[str, Any]]) -> str:
     if not data.startswith(_SSE_PREFIX) or data.startswith(_SSE_PREFIX + "["):
         return data  # e.g. "data: [DONE]"
     try:
@@ -242,7 +252,7 @@ def _stamp_chunk(data: str, pending: dict[int, list[dict[str, Any]]]) -> str:
     for choice in (chunk.get("choices") or []) if isinstance(chunk, dict) else []:
         if (isinstance(choice, dict) and choice.get("finish_reason") is not None
                 and choice.get("index") in pending):
-            choice[FIELD] = pending.pop(choice["index"])
+            choice.update(pending.pop(choice["index"]))
             changed = True
     if not changed:
         return data

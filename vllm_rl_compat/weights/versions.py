@@ -8,7 +8,14 @@ per-token spans ``[start, end)``.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
+
+# Engine-core hooks run after every ``set_weight_version`` (while paused), in
+# registration order: one wrapper of vLLM's method for every capability that
+# follows the label (``patching.patch_method`` wraps a method once).
+_ON_VERSION: list[Callable[[Any], None]] = []
+
+PROMPT_FIELD = "prompt_weight_versions"  # the CompletionOutput attribute (kv_versions)
 
 
 def token_versions(completion: Any) -> list[tuple[int | str, int, int]]:
@@ -24,6 +31,26 @@ def token_versions(completion: Any) -> list[tuple[int | str, int, int]]:
         raise ValueError("no weight versions on this output: it is not finished, or "
                          "the engine does not run in RL mode with weight_sync on")
     return [(parse_version(s.version), s.start, s.end) for s in spans]
+
+
+def prompt_versions(completion: Any) -> list[tuple[int | str | None, int, int]]:
+    """``[(version, start, end), ...]`` over a finished completion's prompt positions:
+    the weights that computed the KV its tokens attended to.
+
+    Position ``i`` for ``start <= i < end`` of the prompt has KV computed by
+    weights ``version``; ``None`` where the engine cannot know (KV loaded by a
+    KV connector). Usually one span equal to the first token's version; it
+    differs when the request was kept running across an update during its
+    prefill (chunked prefill) or read blocks from the prefix cache (with plain
+    caching, possibly blocks of older weights). After a preemption the prompt
+    is recomputed; the spans describe the KV the request finished with.
+    """
+    spans = getattr(completion, PROMPT_FIELD, None)
+    if spans is None:
+        raise ValueError("no prompt weight versions on this output: it is not finished, "
+                         "or the engine does not run in RL mode with weight_sync on")
+    return [(None if s.version is None else parse_version(s.version), s.start, s.end)
+            for s in spans]
 
 
 def parse_version(label: Any) -> int | str:
@@ -46,8 +73,15 @@ def weight_sync_on(vllm_config: Any) -> bool:
     return rl_config_from_additional(vllm_config.additional_config).weight_sync
 
 
+def on_version_change(hook: Callable[[Any], None]) -> None:
+    """Run ``hook(engine_core)`` after each ``set_weight_version`` (idempotent)."""
+    if hook not in _ON_VERSION:
+        _ON_VERSION.append(hook)
+
+
 def install_version_label() -> None:
-    """Engine core: label steps ``weight_version_start`` until the first update.
+    """Engine core: label steps ``weight_version_start`` until the first update;
+    run the ``on_version_change`` hooks when a version lands.
 
     Why: vLLM's engine core starts with the opaque label ``"default"``, so
     requests finishing before the first update would carry no integer
@@ -66,7 +100,17 @@ def install_version_label() -> None:
             original(self, outputs)
         return _attach_weight_version
 
+    def wrap_set(original: Any) -> Any:
+        def set_weight_version(self: Any, weight_version: str, *args: Any,
+                               **kwargs: Any) -> Any:
+            result = original(self, weight_version, *args, **kwargs)
+            for hook in _ON_VERSION:
+                hook(self)
+            return result
+        return set_weight_version
+
     patch_method(EngineCore, "_attach_weight_version", wrap)
+    patch_method(EngineCore, "set_weight_version", wrap_set)
 
 
 def _start_label(core: Any) -> str | None:
