@@ -198,6 +198,20 @@ def test_cuda_only_backend_fails_start_on_cpu(tiny_model, backend) -> None:
                         rf"cpu platform.*rl_compat_gloo, rl_compat_tensors, rl_compat_files")
 
 
+def test_overlapped_staging_off_cpu_fails_start(tiny_model, monkeypatch) -> None:
+    """Overlapped staging exists for CPU engines only: elsewhere start-up
+    refuses it (not the first update). The platform is the one thing faked."""
+    from vllm.platforms import current_platform
+
+    args = _args(tiny_model, additional_config={"rl_compat": {"weight_staging": "overlapped"}})
+    assert args.create_engine_config() is not None  # this CPU engine: accepted
+    monkeypatch.setattr(type(current_platform), "is_cpu", lambda self: False)
+    monkeypatch.setattr(type(current_platform), "is_cuda", lambda self: True)
+    args = _args(tiny_model, additional_config={"rl_compat": {"weight_staging": "overlapped"}})
+    _create_fails(args, r"rl_compat\.weight_staging='overlapped' cannot run on the .* "
+                        r"platform: overlapped staging is built for CPU engines")
+
+
 def test_default_backend_is_ours(tiny_model) -> None:
     args = _args(tiny_model)
     config = args.create_engine_config()

@@ -7,6 +7,8 @@ the workers keep the old weights while the call reports success. In RL mode
 start-up with one error naming it and the backends that work here; with no
 ``weight_transfer_config`` RL mode sets ``DEFAULT_BACKEND``, which carries a
 trainer broadcast, same-host tensors and files on every platform.
+``weight_staging='overlapped'`` is refused here too where it cannot run
+(off the CPU platform), instead of at the first update.
 """
 
 from __future__ import annotations
@@ -35,5 +37,11 @@ def weight_transfer_hook(args: Any, cfg: RLCompatConfig) -> str | None:
             f"(vLLM's built-in backends need CUDA; on this engine it would leave the "
             f"old weights in place). Backends that work here: {', '.join(BACKENDS)}; "
             f"or set {CONFIG_KEY}.weight_sync=false.")
+    if cfg.weight_staging == "overlapped" and not current_platform.is_cpu():
+        raise ValueError(
+            f"{CONFIG_KEY}.weight_staging='overlapped' cannot run on the "
+            f"{current_platform.device_name or current_platform.device_type} platform: "
+            f"overlapped staging is built for CPU engines (the CUDA side-stream variant "
+            f"is not); use 'auto' (stages in the pause here) or 'in_pause'.")
     args.weight_transfer_config = current or WeightTransferConfig(backend=DEFAULT_BACKEND)
     return f"weight_transfer_config.backend={backend!r}"
