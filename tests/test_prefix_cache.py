@@ -79,6 +79,7 @@ def _prompt(out: Any) -> list[tuple[Any, int, int]]:
     """Which version computed each prompt position's KV (``kv_versions``)."""
     from vllm_rl_compat.weight_sync import prompt_versions
 
+    assert out.kv_transfer_params is None  # the carrier key never reaches the user
     return prompt_versions(out.outputs[0])
 
 
