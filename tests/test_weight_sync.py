@@ -187,7 +187,8 @@ def untied(tiny_model):
 
 @pytest.mark.engine
 def test_update_matches_fresh_engine_both_ways(untied):
-    """A <- B's tensors (in process), B <- A's files: each equals the other fresh."""
+    """A <- B's tensors (in process), B <- A's files: each equals the other fresh;
+    then B <- B and B <- A staged in the pause, exact too."""
     sync_a, sync_b = untied["sync_a"], untied["sync_b"]
     assert sync_a.version == 0 and sync_b.version == 0  # weight_version_start default
     assert sync_a.update_from_tensors(state_dict(untied["dir_b"])) == 1
@@ -197,6 +198,13 @@ def test_update_matches_fresh_engine_both_ways(untied):
     assert forced_logprobs(untied["eng_a"]) == untied["ref_b"]  # exact
     assert sync_b.update_from_files(untied["dir_a"]) == 1
     assert forced_logprobs(untied["eng_b"]) == untied["ref_a"]  # exact
+    # The in-pause path (today's default off CPU) on the same engine: B, then A again.
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("VLLM_RL_COMPAT_WEIGHT_STAGING", "in_pause")  # read per update
+        for version, model in ((2, "b"), (3, "a")):
+            assert sync_b.update_from_files(untied[f"dir_{model}"]) == version
+            assert [(r["fast"], r["overlapped"]) for r in sync_b.last_apply] == [(fast, False)]
+            assert forced_logprobs(untied["eng_b"]) == untied[f"ref_{model}"]  # exact
     # Versions of generated tokens: all from the weights now loaded.
     from vllm import SamplingParams
 
