@@ -45,10 +45,10 @@ class _State:
 def _state(scheduler: Any) -> _State | None:
     """The scheduler's state, created on first use; ``None`` when weight_sync is off."""
     if _STATE not in scheduler.__dict__:
-        from vllm_rl_compat.weights.versions import version_start, weight_sync_on
+        from vllm_rl_compat.weights.versions import start_label
 
-        config = scheduler.vllm_config
-        state = _State(str(version_start(config))) if weight_sync_on(config) else None
+        label = start_label(scheduler.vllm_config)
+        state = None if label is None else _State(label)
         scheduler.__dict__[_STATE] = state
         pool = getattr(scheduler.kv_cache_manager, "block_pool", None)
         if pool is not None:

@@ -113,12 +113,15 @@ def install_version_label() -> None:
     patch_method(EngineCore, "set_weight_version", wrap_set)
 
 
+def start_label(vllm_config: Any) -> str | None:
+    """The label steps carry before the first update (``None``: weight_sync off)."""
+    return str(version_start(vllm_config)) if weight_sync_on(vllm_config) else None
+
+
 def _start_label(core: Any) -> str | None:
-    """The first label of this engine core (``None``: weight_sync off), read once."""
+    """``start_label`` of this engine core, read once."""
     if "_rl_compat_start_label" not in core.__dict__:
-        config = core.vllm_config
-        core.__dict__["_rl_compat_start_label"] = (
-            str(version_start(config)) if weight_sync_on(config) else None)
+        core.__dict__["_rl_compat_start_label"] = start_label(core.vllm_config)
     return core.__dict__["_rl_compat_start_label"]
 
 
