@@ -157,18 +157,41 @@ class Load:
         return sum(n for t, n in self.arrivals if t0 <= t < t1) / max(t1 - t0, 1e-9)
 
 
-def stall(steps: list[float], quiet: tuple[float, float], window: tuple[float, float],
-          after: float) -> tuple[float, float, float, list[float]]:
-    """Longest step gap touching ``window`` minus the median step around it
-    (the quiet window before and ``after`` seconds after); that median; the
-    quiet window's own longest gap minus the same median (the noise floor of
-    the measure); the gaps touching ``window``."""
-    q = [b - a for a, b in zip(steps, steps[1:]) if quiet[0] <= a and b <= quiet[1]]
-    around = q + [b - a for a, b in zip(steps, steps[1:])
-                  if window[1] <= a and b <= window[1] + after]
-    median = statistics.median(around) if around else 0.0
-    gaps = [b - a for a, b in zip(steps, steps[1:]) if b >= window[0] and a <= window[1]]
-    return max(gaps, default=0.0) - median, median, max(q, default=0.0) - median, gaps
+@dataclass
+class Stall:
+    """What an update cost the engine, from its step clock (``(start, end)``
+    of every step): the longest gap between two step ends touching the update
+    minus the median gap around it, split into the two parts of that gap --
+    the wait before the step (engine core, front end, the pause) and the
+    step's own run (the worker's model, slowed by work beside it) -- each
+    minus its own median; and the same longest-gap measure over the quiet
+    window before the update alone (the noise floor)."""
+
+    stall: float
+    wait: float
+    run: float
+    step: float
+    noise: float
+    gaps: list[float]
+    runs: list[float]
+
+
+def stall(spans: list[list[float]], quiet: tuple[float, float], window: tuple[float, float],
+          after: float) -> Stall:
+    """``spans``: the step clock since the start of ``quiet``; ``window``: the
+    update call; ``after``: seconds of steps after it used for the medians."""
+    rows = [(a[1], b[0], b[1]) for a, b in zip(spans, spans[1:])]  # end, next start, next end
+    quiet_rows = [r for r in rows if quiet[0] <= r[0] and r[2] <= quiet[1]]
+    around = quiet_rows + [r for r in rows if window[1] <= r[0] and r[2] <= window[1] + after]
+    med = lambda xs: statistics.median(xs) if xs else 0.0  # noqa: E731
+    gap_med = med([c - a for a, _, c in around])
+    wait_med, run_med = med([b - a for a, b, _ in around]), med([c - b for _, b, c in around])
+    during = [r for r in rows if r[2] >= window[0] and r[0] <= window[1]]
+    worst = max(during, key=lambda r: r[2] - r[0], default=(0.0, 0.0, 0.0))
+    return Stall(stall=worst[2] - worst[0] - gap_med, wait=worst[1] - worst[0] - wait_med,
+                 run=worst[2] - worst[1] - run_med, step=gap_med,
+                 noise=max((c - a for a, _, c in quiet_rows), default=0.0) - gap_med,
+                 gaps=[c - a for a, _, c in during], runs=[c - b for _, b, c in during])
 
 
 async def one_update(sync, engine, load: Load, source: str, mode: str, model: str,
@@ -193,10 +216,12 @@ async def one_update(sync, engine, load: Load, source: str, mode: str, model: st
         trainer.wait(60)
         await sync.disconnect_trainer()
     await asyncio.sleep(args.quiet)  # steps after the resume: the other half of the baseline
-    steps = (await engine.collective_rpc("rl_compat_step_times", args=(quiet0,)))[0]
-    extra, step, noise, gaps = stall(steps, (quiet0, t0), (t0, t1), args.quiet)
-    print("  gaps ms:", [round(g * 1e3) for g in gaps], flush=True)
-    return {"stall": extra, "step": step, "noise": noise, "pause": sync.last_pause_seconds,
+    spans = (await engine.collective_rpc("rl_compat_step_times", args=(quiet0,)))[0]
+    cost = stall(spans, (quiet0, t0), (t0, t1), args.quiet)
+    print("  gaps ms:", [round(g * 1e3) for g in cost.gaps], "of which runs:",
+          [round(r * 1e3) for r in cost.runs], flush=True)
+    return {"stall": cost.stall, "wait": cost.wait, "run": cost.run, "step": cost.step,
+            "noise": cost.noise, "pause": sync.last_pause_seconds,
             "e2e": t1 - t0, "tps_update": load.tok_per_s(t0, t1),
             "tps_quiet": load.tok_per_s(t0 - (t1 - t0), t0) if t1 - t0 < args.quiet
             else load.tok_per_s(quiet0, t0),
@@ -282,6 +307,7 @@ def main() -> None:
         steps.append(med(rs, "step"))
         table.append(
             f"| {source} | {mode} | {stall_s * 1e3:.0f} ({stall_s / copy_s:.1f}x) | "
+            f"{med(rs, 'wait') * 1e3:.0f} / {med(rs, 'run') * 1e3:.0f} | "
             f"{med(rs, 'noise') * 1e3:.0f} | {pause * 1e3:.0f} ({pause / copy_s:.1f}x) | {e2e * 1e3:.0f} ({e2e / copy_s:.1f}x)"
             f" | {med(rs, 'tps_update'):.0f} / {med(rs, 'tps_quiet'):.0f} | "
             f"{max(r['mem'] for r in rs) / 2**20:.0f} |")
@@ -293,12 +319,15 @@ def main() -> None:
              f"per source and mode, modes alternated, {args.quiet:.0f} s quiet before each; "
              f"medians. Stall = longest gap between two engine steps during the update minus "
              f"the median step of the {args.quiet:.0f} s before and after it "
-             f"({statistics.median(steps) * 1e3:.0f} ms here); noise = the same for the "
-             f"quiet window before (no update); "
+             f"({statistics.median(steps) * 1e3:.0f} ms here); wait / run = the parts "
+             f"of that longest gap: the wait before the step (engine core, front end, "
+             f"pause) and the step's own run in the worker, each minus its median; "
+             f"noise = the stall measure over the quiet window before (no update); "
              f"x = ratio to the memcpy; broadcast in chunks of {args.chunk_mb} MiB.", "",
-             "| source | staging | stall ms (x) | noise ms | pause-to-resume ms (x) | "
-             "end-to-end ms (x) | decode tok/s during / quiet | peak extra MiB (max) |",
-             "|---|---|---|---|---|---|---|---|", *table]
+             "| source | staging | stall ms (x) | wait / run ms | noise ms | "
+             "pause-to-resume ms (x) | end-to-end ms (x) | decode tok/s during / quiet | "
+             "peak extra MiB (max) |",
+             "|---|---|---|---|---|---|---|---|---|", *table]
     machine.write_results("weight_sync", lines)
 
 

@@ -3,9 +3,11 @@
 Why: a weight update's cost to rollouts is the gap it puts between two engine
 steps, not the front end's pause-to-resume (a pause waits for the running
 step; RPCs queue behind steps). ``Worker.execute_model`` is wrapped to record
-the monotonic time at the end of every step that ran tokens, in a bounded
-ring; ``WeightSyncExtension.rl_compat_step_times`` reads it (read-only, so
-dev mode's ``/collective_rpc`` may too). ``time.monotonic`` is one clock for
+the monotonic times at the start and the end of every step that ran tokens,
+in a bounded ring; ``WeightSyncExtension.rl_compat_step_times`` reads it
+(read-only, so dev mode's ``/collective_rpc`` may too). Start and end tell a
+slower step (work in the worker competing with the model) from a longer
+wait between steps (the engine core, the front end, a pause). ``time.monotonic`` is one clock for
 every process on the host, so a benchmark can line steps up with its own
 calls. Cost: one ``deque.append`` per step.
 """
@@ -18,19 +20,20 @@ from typing import Any, Callable
 
 from vllm_rl_compat.patching import patch_method, when_imported
 
-STEPS: collections.deque[float] = collections.deque(maxlen=65536)
+STEPS: collections.deque[tuple[float, float]] = collections.deque(maxlen=65536)
 
 
-def step_times(since: float = 0.0) -> list[float]:
-    """End times of the steps recorded after ``since`` (``time.monotonic``)."""
-    return [t for t in STEPS if t > since]
+def step_spans(since: float = 0.0) -> list[tuple[float, float]]:
+    """``(start, end)`` of the steps that ended after ``since``."""
+    return [span for span in STEPS if span[1] > since]
 
 
 def _wrap_execute_model(original: Callable[..., Any]) -> Callable[..., Any]:
     def execute_model(self: Any, scheduler_output: Any, *args: Any, **kwargs: Any) -> Any:
+        start = time.monotonic()
         result = original(self, scheduler_output, *args, **kwargs)
         if getattr(scheduler_output, "total_num_scheduled_tokens", 0) > 0:
-            STEPS.append(time.monotonic())
+            STEPS.append((start, time.monotonic()))
         return result
     return execute_model
 

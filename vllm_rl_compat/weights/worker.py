@@ -51,11 +51,11 @@ class WeightSyncExtension:
         """``{checkpoint name: (shape, dtype)}`` an update must provide exactly."""
         return _spec(self).as_dict()
 
-    def rl_compat_step_times(self, since: float = 0.0) -> list[float]:
-        """End times of recent engine steps (``weights.step_clock``)."""
-        from vllm_rl_compat.weights.step_clock import step_times
+    def rl_compat_step_times(self, since: float = 0.0) -> list[tuple[float, float]]:
+        """``(start, end)`` of recent engine steps (``weights.step_clock``)."""
+        from vllm_rl_compat.weights.step_clock import step_spans
 
-        return step_times(since)
+        return step_spans(since)
 
     def rl_compat_staging(self) -> dict[str, bool]:
         """Does this worker hold staged weights or run staging work? (memory)"""
