@@ -214,3 +214,30 @@ def test_rl_mode_wraps_what_the_contract_lists(children) -> None:
             "vllm.v1.worker.gpu_worker:Worker.execute_model"} <= wrapped
     assert wrapped <= {e.target for e in contract.ENTRIES if e.use == "wrap"}
     # With the switch off the same list is empty: tests/test_switch_off.py.
+
+
+@pytest.mark.parametrize("out_features", [1536, 40])  # oneDNN-sized; sgl-kernel-sized
+def test_kept_linear_reprocess_skipped_only_without_weight_state(out_features) -> None:
+    """``apply_cpu.weight_free`` on what vLLM's own CPU dispatch builds on this
+    machine: a linear that kept its weight (the fallback, e.g. bf16 on AVX2)
+    reads it per call and is skipped on reload; one whose weight vLLM packed
+    away (a oneDNN handle or sgl-kernel copy in the closure) is not."""
+    import torch
+    from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm
+
+    from vllm_rl_compat.weights.apply_cpu import weight_free
+
+    layer = torch.nn.Module()
+    layer.weight = torch.nn.Parameter(torch.randn(out_features, 576, dtype=torch.bfloat16),
+                                      requires_grad=False)
+    live = layer.weight
+    dispatch_cpu_unquantized_gemm(layer, remove_weight=True)
+    kept = layer.weight is live and layer.weight.numel() > 0
+    assert weight_free(layer.cpu_linear) == kept
+    if kept:  # what the skip relies on: new values are used without a re-dispatch
+        x = torch.randn(3, 576, dtype=torch.bfloat16)
+        live.data.mul_(2)
+        assert torch.equal(layer.cpu_linear(x, layer.weight, None),
+                           torch.nn.functional.linear(x, live, None))
+    handle = torch.ones(2)
+    assert not weight_free(lambda x, weight, bias: handle)  # a captured tensor

@@ -65,6 +65,7 @@ failed layerwise reload: ``WeightSyncCorruptedError`` in the front end.
 from __future__ import annotations
 
 import logging
+import types
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
@@ -194,13 +195,33 @@ def reprocess(module: torch.nn.Module) -> None:
 
 def reprocess_kept_linears(layers: list[torch.nn.Module]) -> None:
     """Re-run ``process_weights_after_loading`` of linears updated in place; their
-    weight must stay the live parameter (else the plan no longer matches)."""
+    weight must stay the live parameter (else the plan no longer matches).
+
+    Skipped where the layer's ``cpu_linear`` cannot hold anything derived from
+    the old weight (``weight_free``): vLLM's fallback after a failed oneDNN
+    handle (AVX2 CPUs: every bf16 linear) takes the weight per call, and
+    re-dispatching only fails the same oneDNN creation again -- about 0.5 ms
+    per layer, mostly holding the GIL, which an overlapped update's staging
+    thread shares with the engine thread.
+    """
     for layer in layers:
+        if weight_free(layer.__dict__.get("cpu_linear")):
+            continue
         weight = layer.weight
         reprocess(layer)
         if layer.weight is not weight:
             raise RuntimeError(f"{type(layer).__name__}: vLLM packed a weight it had kept "
                                f"unpacked at start-up; the fast path does not apply")
+
+
+def weight_free(fn: Any) -> bool:
+    """``fn`` (a layer's ``cpu_linear``) reads the weight it is passed and
+    captures nothing: no closure cells, defaults or bound object that could
+    hold a handle or packed copy of an earlier weight."""
+    if fn is torch.nn.functional.linear:
+        return True
+    return (isinstance(fn, types.FunctionType) and not fn.__closure__
+            and not fn.__defaults__ and not fn.__kwdefaults__)
 
 
 def rebuild_packed_heads(modules: list[torch.nn.Module]) -> None:
