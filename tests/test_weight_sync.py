@@ -503,3 +503,23 @@ def test_collective_rpc_cannot_change_weights(untied):
             eng.collective_rpc(method, kwargs=kwargs)
     assert forced_logprobs(eng) == before and sync.version == version
     assert_serves(eng)
+
+
+def test_staging_job_runs_at_a_short_switch_interval():
+    """The staging thread hands the GIL back to the engine thread quickly while
+    it works (``StagingJob``), and the process's interval is restored after
+    every job, a failed one included."""
+    from vllm_rl_compat.weights.staging import SWITCH_INTERVAL_S, StagingJob
+
+    before = sys.getswitchinterval()
+    assert before > SWITCH_INTERVAL_S
+    job, seen = StagingJob(), []
+    job.submit(lambda: seen.append(sys.getswitchinterval()))
+    job.submit(lambda: 1 / 0)
+    deadline = time.monotonic() + 30
+    while job.busy() and time.monotonic() < deadline:
+        time.sleep(0.001)
+    assert seen == [pytest.approx(SWITCH_INTERVAL_S)]
+    assert sys.getswitchinterval() == before
+    with pytest.raises(ZeroDivisionError):
+        job.done()

@@ -48,6 +48,7 @@ import concurrent.futures
 import logging
 import os
 import queue
+import sys
 import threading
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
@@ -286,10 +287,14 @@ class StagingJob:
         while True:
             future, fn = self._queue.get()
             if future.set_running_or_notify_cancel():
+                previous = sys.getswitchinterval()
+                sys.setswitchinterval(SWITCH_INTERVAL_S)
                 try:
                     future.set_result(fn())
                 except BaseException as exc:  # noqa: BLE001 - reported by done()
                     future.set_exception(exc)
+                finally:
+                    sys.setswitchinterval(previous)
             self._inflight.discard(future)
 
     def done(self) -> bool:
@@ -310,6 +315,7 @@ class StagingJob:
 
 
 STAGING_NICE = 10
+SWITCH_INTERVAL_S = 1e-4  # the GIL switch interval while staging work runs
 
 
 def _compute_cpus() -> set[int]:
