@@ -20,7 +20,8 @@ staging thread placed exactly like the product's
 
 each also at 0.5 and 0.1 ms switch intervals (``sys.setswitchinterval``; default
 5 ms). Reported: the engine loop's median step, its ratio to alone, and how
-many MiB/s the staging thread moved.
+many MiB/s the staging thread moved. Rounds interleave the configurations
+and medians are taken: this VM's step time drifts by 10-20 %.
 
 Run: ``python benchmarks/bench_staging_gil.py``; writes
 ``benchmarks/results/staging_gil_<cpu kind>.md``. Not a test.
@@ -118,7 +119,8 @@ class Staging:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--steps", type=int, default=8, help="engine-loop steps per measure")
+    ap.add_argument("--steps", type=int, default=4, help="engine-loop steps per measure")
+    ap.add_argument("--rounds", type=int, default=3, help="measures per configuration")
     ap.add_argument("--python-ms", type=float, default=0.6,
                     help="pure Python per 1 MiB copy in the 'copies + Python' load")
     args = ap.parse_args()
@@ -129,23 +131,31 @@ def main() -> None:
     torch.set_num_threads(1)
     loop = DecodeLoop()
     loop.median_ms(2)  # warm-up
-    rows = []
-    for kind in ("copies", "copies + Python", "Python only"):
-        for switch_s in (0.005, 0.0005, 0.0001):
+    configs = [(kind, switch_s) for kind in ("copies", "copies + Python", "Python only")
+               for switch_s in (0.005, 0.0005, 0.0001)]
+    measured: dict[tuple[str, float], list[tuple[float, float, float]]] = {}
+    for _ in range(args.rounds):  # rounds interleave the configurations: drift hits all
+        for kind, switch_s in configs:
             alone = loop.median_ms(args.steps)
             with Staging(kind, args.python_ms, switch_s, {first}) as staging:
                 beside = loop.median_ms(args.steps)
-            rows.append(f"| {kind} | {switch_s * 1e3:g} | {alone:.0f} | {beside:.0f} | "
-                        f"{beside / alone:.2f}x | {staging.mib_s:.0f} |")
-            print(rows[-1], flush=True)
+            measured.setdefault((kind, switch_s), []).append((alone, beside, staging.mib_s))
+            print(kind, switch_s, round(alone), round(beside), flush=True)
+    rows = []
+    for (kind, switch_s), runs in measured.items():
+        med = [statistics.median(r[i] for r in runs) for i in range(3)]
+        ratio = statistics.median(b / a for a, b, _ in runs)
+        rows.append(f"| {kind} | {switch_s * 1e3:g} | {med[0]:.0f} | {med[1]:.0f} | "
+                    f"{ratio:.2f}x | {med[2]:.0f} |")
     spare = sorted(set(range(os.cpu_count() or 1)) - {first})
     lines = [machine.header("A staging thread beside the engine thread: the GIL, not the "
                             "cores", load_before),
              f"Engine thread: a SmolLM2-135M-shaped decode step ({LAYERS} layers of bf16 "
              f"linears and elementwise ops, {TOKENS} tokens, 1 torch thread) on CPU {first}; "
              f"staging thread on CPUs {spare} at nice 10 (the product's placement); "
-             f"median of {args.steps} steps, alone (just before) and beside the staging "
-             f"load; 'copies + Python' = {args.python_ms} ms of pure Python per 1 MiB "
+             f"median step of {args.steps} alone (just before) and of {args.steps} beside "
+             f"the staging load, {args.rounds} rounds over all configurations, medians "
+             f"(ratio: median of the per-round ratios); 'copies + Python' = {args.python_ms} ms of pure Python per 1 MiB "
              f"copy; torch {torch.__version__}.", "",
              "| staging load | switch interval ms | step alone ms | step beside ms | "
              "ratio | staging MiB/s |",
