@@ -155,11 +155,10 @@ def main() -> None:
              f"staging thread on CPUs {spare} at nice 10 (the product's placement); "
              f"median step of {args.steps} alone (just before) and of {args.steps} beside "
              f"the staging load, {args.rounds} rounds over all configurations, medians "
-             f"(ratio: median of the per-round ratios); 'copies + Python' = {args.python_ms} ms of pure Python per 1 MiB "
-             f"copy; torch {torch.__version__}.", "",
-             "| staging load | switch interval ms | step alone ms | step beside ms | "
-             "ratio | staging MiB/s |",
-             "|---|---|---|---|---|---|", *rows]
+             f"(ratio: median of the per-round ratios); 'copies + Python' = "
+             f"{args.python_ms} ms of pure Python per 1 MiB copy; torch {torch.__version__}.",
+             "", *machine.table(["staging load", "switch interval ms", "step alone ms",
+                                 "step beside ms", "ratio", "staging MiB/s"], rows)]
     machine.write_results("staging_gil", lines)
 
 

@@ -324,10 +324,9 @@ def main() -> None:
              f"pause) and the step's own run in the worker, each minus its median; "
              f"noise = the stall measure over the quiet window before (no update); "
              f"x = ratio to the memcpy; broadcast in chunks of {args.chunk_mb} MiB.", "",
-             "| source | staging | stall ms (x) | wait / run ms | noise ms | "
-             "pause-to-resume ms (x) | end-to-end ms (x) | decode tok/s during / quiet | "
-             "peak extra MiB (max) |",
-             "|---|---|---|---|---|---|---|---|---|", *table]
+             *machine.table(["source", "staging", "stall ms (x)", "wait / run ms", "noise ms",
+                             "pause-to-resume ms (x)", "end-to-end ms (x)",
+                             "decode tok/s during / quiet", "peak extra MiB (max)"], table)]
     machine.write_results("weight_sync", lines)
 
 

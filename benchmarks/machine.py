@@ -88,3 +88,8 @@ def write_results(stem: str, lines: list[str]) -> Path:
     out.write_text("\n".join(lines) + "\n")
     print(out.read_text())
     return out
+
+
+def table(columns: list[str], rows: list[str]) -> list[str]:
+    """A markdown table's lines: the header of ``columns``, its rule, ``rows``."""
+    return ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns), *rows]
