@@ -7,9 +7,10 @@ the monotonic times at the start and the end of every step that ran tokens,
 in a bounded ring; ``WeightSyncExtension.rl_compat_step_times`` reads it
 (read-only, so dev mode's ``/collective_rpc`` may too). Start and end tell a
 slower step (work in the worker competing with the model) from a longer
-wait between steps (the engine core, the front end, a pause). ``time.monotonic`` is one clock for
-every process on the host, so a benchmark can line steps up with its own
-calls. Cost: one ``deque.append`` per step.
+wait between steps (the engine core, the front end, a pause).
+``time.monotonic`` is one clock for every process on the host, so a
+benchmark can line steps up with its own calls. Cost: one ``deque.append``
+per step.
 """
 
 from __future__ import annotations
