@@ -104,6 +104,7 @@ class Staging:
             self.moved += 1
 
     def __enter__(self) -> "Staging":
+        self.previous = sys.getswitchinterval()
         sys.setswitchinterval(self.switch_s)
         self.t0 = time.perf_counter()
         self.thread.start()
@@ -114,7 +115,7 @@ class Staging:
         self.stop.set()
         self.thread.join()
         self.mib_s = self.moved / (time.perf_counter() - self.t0)
-        sys.setswitchinterval(0.005)
+        sys.setswitchinterval(self.previous)
 
 
 def main() -> None:

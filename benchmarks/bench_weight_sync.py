@@ -309,7 +309,8 @@ def main() -> None:
             f"| {source} | {mode} | {stall_s * 1e3:.0f} ({stall_s / copy_s:.1f}x) | "
             f"{med(rs, 'wait') * 1e3:.0f} / {med(rs, 'run') * 1e3:.0f} | "
             f"{med(rs, 'noise') * 1e3:.0f} | {pause * 1e3:.0f} ({pause / copy_s:.1f}x) | "
-            f"{e2e * 1e3:.0f} ({e2e / copy_s:.1f}x) | {med(rs, 'tps_update'):.0f} / {med(rs, 'tps_quiet'):.0f} | "
+            f"{e2e * 1e3:.0f} ({e2e / copy_s:.1f}x) | "
+            f"{med(rs, 'tps_update'):.0f} / {med(rs, 'tps_quiet'):.0f} | "
             f"{max(r['mem'] for r in rs) / 2**20:.0f} |")
     lines = [machine.header("Weight updates of SmolLM2-135M on CPU under load: overlapped "
                             "staging vs in the pause", load_before),
