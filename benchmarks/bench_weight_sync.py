@@ -3,10 +3,12 @@
 One ``AsyncLLM`` keeps ``--streams`` streaming requests decoding the whole
 time (a finished request is replaced at once). For each source (in-process
 tensors, a safetensors folder, a trainer broadcast over gloo) and each
-staging mode (``overlapped``: staged beside the live weights while decoding,
-swapped in a short pause; ``in_pause``: everything inside the pause) it runs
-``--updates`` full updates, alternating modes, each after a quiet window of
-``--quiet`` seconds, and reports medians of:
+staging mode (``overlapped``: staged beside the live weights while decoding
+by replaying the copy plan recorded from a first, unmeasured update, swapped
+in a short pause; ``overlapped, load_weights``: the same through vLLM's
+``load_weights``; ``in_pause``: everything inside the pause) it runs
+``--updates`` full updates, alternating the order of modes, each after a
+quiet window of ``--quiet`` seconds, and reports medians of:
 
 * stall: the longest gap between two consecutive engine steps during the
   update (the worker's step clock, ``weights.step_clock``) minus the median
@@ -23,8 +25,9 @@ swapped in a short pause; ``in_pause``: everything inside the pause) it runs
   first one's and show less);
 
 each time also as a ratio to a memcpy of the same bytes in the same run.
-The mode is chosen per update with ``VLLM_RL_COMPAT_WEIGHT_STAGING`` (read by
-the front end at each update), so both modes share one engine and its load.
+The mode is chosen per update with ``VLLM_RL_COMPAT_WEIGHT_STAGING`` and
+``VLLM_RL_COMPAT_COPY_PLAN`` (read by the front end at each update), so all
+modes share one engine and its load.
 
 Run: ``python benchmarks/bench_weight_sync.py [--updates 3]``; writes
 ``benchmarks/results/weight_sync_<cpu kind>.md`` with a header naming the
@@ -53,7 +56,10 @@ TRAINER = HERE.parent / "tests" / "weight_sync_trainer.py"
 sys.path.insert(0, str(HERE))
 import machine  # noqa: E402  (benchmarks/machine.py: the results-file header)
 
-MODES = ("overlapped", "in_pause")
+# label -> (VLLM_RL_COMPAT_WEIGHT_STAGING, VLLM_RL_COMPAT_COPY_PLAN, how the shadow loads)
+MODES = {"overlapped": ("overlapped", "1", "plan"),
+         "overlapped, load_weights": ("overlapped", "0", "load_weights"),
+         "in_pause": ("in_pause", "1", None)}
 
 
 def memcpy_seconds(nbytes: int, repeats: int = 10) -> float:
@@ -196,7 +202,8 @@ def stall(spans: list[list[float]], quiet: tuple[float, float], window: tuple[fl
 
 async def one_update(sync, engine, load: Load, source: str, mode: str, model: str,
                      state: dict, args) -> dict:
-    os.environ["VLLM_RL_COMPAT_WEIGHT_STAGING"] = mode
+    os.environ["VLLM_RL_COMPAT_WEIGHT_STAGING"], os.environ["VLLM_RL_COMPAT_COPY_PLAN"], _ = (
+        MODES[mode])
     trainer = None
     if source == "broadcast":
         trainer = await start_trainer(sync, model, args)
@@ -226,7 +233,17 @@ async def one_update(sync, engine, load: Load, source: str, mode: str, model: st
             "tps_quiet": load.tok_per_s(t0 - (t1 - t0), t0) if t1 - t0 < args.quiet
             else load.tok_per_s(quiet0, t0),
             "mem": rss.peak - base,
-            "overlapped": all(r.get("overlapped") for r in sync.last_apply)}
+            "overlapped": all(r.get("overlapped") for r in sync.last_apply),
+            "via": {r.get("via") for r in sync.last_apply}}
+
+
+def check_path(source: str, mode: str, r: dict) -> None:
+    """The update went the way its row says (else the table would lie)."""
+    staging, _, via = MODES[mode]
+    if r["overlapped"] != (staging == "overlapped") or (via and r["via"] != {via}):
+        raise RuntimeError(f"{source}/{mode}: the update was staged "
+                           f"{'overlapped' if r['overlapped'] else 'in the pause'} "
+                           f"via {r['via']}")
 
 
 async def start_trainer(sync, model: str, args) -> subprocess.Popen:
@@ -262,16 +279,16 @@ async def run(args, model: str, state: dict) -> tuple[list[tuple], int]:
         while load.tok_per_s(time.monotonic() - 1, time.monotonic()) == 0:
             await asyncio.sleep(0.1)
         await asyncio.sleep(args.quiet)  # all streams decoding
+        # Not measured: the first overlapped update records the copy plan.
+        await one_update(sync, engine, load, "tensors", "overlapped", model, state, args)
         results: dict[tuple[str, str], list[dict]] = {}
         for source in args.sources.split(","):
             for k in range(args.updates):
-                for mode in (MODES if k % 2 == 0 else MODES[::-1]):
+                for mode in (list(MODES) if k % 2 == 0 else list(MODES)[::-1]):
                     r = await one_update(sync, engine, load, source, mode, model, state, args)
-                    if r["overlapped"] != (mode == "overlapped"):
-                        raise RuntimeError(f"{source}/{mode}: the update was staged "
-                                           f"{'overlapped' if r['overlapped'] else 'in the pause'}")
+                    check_path(source, mode, r)
                     results.setdefault((source, mode), []).append(r)
-                    print(source, mode, {k: round(v, 4) for k, v in r.items()}, flush=True)
+                    print(source, mode, r, flush=True)
         load.running = False
         for task in tasks:
             task.cancel()

@@ -283,6 +283,28 @@ def test_overlapped_staging_faults_and_memory(untied, tmp_path, monkeypatch):
     assert forced_logprobs(eng) == untied["ref_b"]
 
 
+@pytest.mark.engine
+def test_overlapped_updates_replay_the_recorded_copy_plan(untied, monkeypatch):
+    """After the first overlapped update of a worker (vLLM's ``load_weights``,
+    recorded), later ones replay the recorded writes (``weights.copy_plan``):
+    exact, from files and tensors; ``VLLM_RL_COMPAT_COPY_PLAN=0`` runs the loader."""
+    if not OVERLAPPED:
+        pytest.skip("this run stages every update in the pause")
+    eng, sync = untied["eng_b"], untied["sync_b"]
+    via = []
+    for model, copy_plan, send in (("a", "1", "files"), ("b", "1", "tensors"),
+                                   ("a", "1", "files"), ("b", "0", "files")):
+        monkeypatch.setenv("VLLM_RL_COMPAT_COPY_PLAN", copy_plan)
+        if send == "files":
+            sync.update_from_files(untied[f"dir_{model}"])
+        else:
+            sync.update_from_tensors(state_dict(untied[f"dir_{model}"]))
+        via.append([r["via"] for r in sync.last_apply])
+        assert forced_logprobs(eng) == untied[f"ref_{model}"]  # exact
+    assert via[0] in (["recording"], ["plan"])  # recorded here or by an earlier test
+    assert via[1:] == [["plan"], ["plan"], ["load_weights"]]
+
+
 def _connect(sync, port: int, timeout: float) -> None:
     sync.connect_trainer("127.0.0.1", port, secret=SECRET, timeout=timeout)
 

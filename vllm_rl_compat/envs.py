@@ -71,6 +71,12 @@ environment_variables: dict[str, tuple[Callable[[], Any], str]] = {
         "Overrides `rl_compat.weight_staging` (`auto`, `overlapped`, `in_pause`) "
         "for the updates a front end starts (for comparisons); read at each update.",
     ),
+    "VLLM_RL_COMPAT_COPY_PLAN": (
+        _flag("VLLM_RL_COMPAT_COPY_PLAN", default="1"),
+        "`0` makes overlapped weight staging run vLLM's `load_weights` for every "
+        "update instead of replaying the copy plan recorded from the first "
+        "(`weights/copy_plan.py`; for comparisons; default `1`); read at each update.",
+    ),
     "VLLM_RL_COMPAT_WEIGHT_STAGING_MAX_GIB": (
         lambda: float(os.environ["VLLM_RL_COMPAT_WEIGHT_STAGING_MAX_GIB"])
         if os.environ.get("VLLM_RL_COMPAT_WEIGHT_STAGING_MAX_GIB") else None,
@@ -96,6 +102,7 @@ VLLM_RL_COMPAT_CACHE: Path
 VLLM_RL_COMPAT_AUTOTUNE: bool
 VLLM_RL_COMPAT_FAST_RELOAD: bool
 VLLM_RL_COMPAT_WEIGHT_STAGING: str | None
+VLLM_RL_COMPAT_COPY_PLAN: bool
 VLLM_RL_COMPAT_WEIGHT_STAGING_MAX_GIB: float | None
 VLLM_RL_COMPAT_CONTROL_TOKEN: str | None
 VLLM_RL_COMPAT_TXN_SECRET: str | None

@@ -122,7 +122,9 @@ class FastReloader:
             entry.active = True
             return self._take(entry.meta)
 
-        return counted_param(entry.meta, entry.layer, storage, lambda: self._finish(entry))
+        param, _ = counted_param(entry.meta, entry.layer, storage,
+                                 lambda: self._finish(entry))
+        return param
 
     def _finish(self, entry: _Packed) -> None:
         """Re-pack a loaded layer, then put its live (empty) parameter back."""
@@ -155,14 +157,39 @@ def empty_like_meta(meta: torch.Tensor) -> torch.Tensor:
                                dtype=meta.dtype, device="cpu")
 
 
+@dataclass
+class Filling:
+    """A packed weight's staging storage and load count while it is filled.
+
+    Storage on the first write (``storage()``); ``on_complete`` (the re-pack,
+    which must empty the parameter, so a later write starts afresh) when every
+    element has arrived, counted like vLLM's layerwise reload (``CopyCounter``:
+    the elements ``copy_`` wrote). Shared by the loader wrapper of
+    ``counted_param`` and a replayed copy plan (``weights.copy_plan``), so the
+    two can fill one layer between them."""
+
+    param: torch.nn.Parameter
+    total: int
+    storage: Callable[[], torch.Tensor]
+    on_complete: Callable[[], None]
+    loaded: int = 0
+
+    def begin(self) -> None:
+        if self.param.numel() == 0:
+            self.param.data, self.loaded = self.storage(), 0
+
+    def add(self, copied: int) -> None:
+        self.loaded += min(copied, self.total)
+        if self.loaded >= self.total:
+            self.on_complete()
+
+
 def counted_param(meta: torch.Tensor, layer: torch.nn.Module,
                   storage: Callable[[], torch.Tensor],
-                  on_complete: Callable[[], None]) -> torch.nn.Parameter:
+                  on_complete: Callable[[], None]) -> tuple[torch.nn.Parameter, Filling]:
     """A parameter like the one vLLM loaded a packed weight into at start-up
     (class, loader attributes re-bound to ``layer``), without storage until its
-    first loader call (``storage()`` gives it). ``on_complete`` runs when every
-    element has arrived, counted like vLLM's layerwise reload (``CopyCounter``);
-    it must empty the parameter (re-pack), so a later call starts afresh."""
+    first loader call, and the ``Filling`` that counts its loads."""
     from vllm.model_executor.model_loader.reload.meta import CopyCounter
     from vllm.model_executor.model_loader.weight_utils import default_weight_loader
 
@@ -170,20 +197,17 @@ def counted_param(meta: torch.Tensor, layer: torch.nn.Module,
     param.__class__ = meta.__class__
     param.__dict__ = _restored_attrs(meta, layer)
     loader = getattr(param, "weight_loader", default_weight_loader)
-    total, loaded = meta.numel(), [0]
+    filling = Filling(param, meta.numel(), storage, on_complete)
 
     def weight_loader(*args: Any, **kwargs: Any) -> Any:
-        if param.numel() == 0:
-            param.data, loaded[0] = storage(), 0
+        filling.begin()
         with CopyCounter() as counter:
             result = loader(*args, **kwargs)
-        loaded[0] += min(counter.copied_numel, total)
-        if loaded[0] >= total:
-            on_complete()
+        filling.add(counter.copied_numel)
         return result
 
     param.weight_loader = weight_loader
-    return param
+    return param, filling
 
 
 def reprocess(module: torch.nn.Module) -> None:

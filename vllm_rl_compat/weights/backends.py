@@ -22,9 +22,13 @@ staging (files too: the bytes validated are the bytes applied). Two ways:
   thread and returns, so the engine keeps stepping while it is received,
   validated and loaded into a shadow of the model (``weights.staging``);
   ``poll`` reports progress and errors, ``check_complete`` prepares the
-  packed state, and the finish step only swaps (``take_stage``). Every method that changes state refuses calls that do not come
-from the front end's transaction (``authorized``), so dev mode's
-``/collective_rpc`` cannot drive them.
+  packed state, and the finish step only swaps (``take_stage``). The first
+  overlapped update of a worker records how vLLM's loader writes the shadow;
+  later ones replay that record (``weights.copy_plan``).
+
+Every method that changes state refuses calls that do not come from the front
+end's transaction (``authorized``), so dev mode's ``/collective_rpc`` cannot
+drive them.
 """
 
 from __future__ import annotations
@@ -89,6 +93,25 @@ class _Overlap:
 
     stage: Any  # weights.staging.StagedWeights
     entries: list[tuple[str, tuple[int, ...], Any]] = field(default_factory=list)
+    plan: Any = None  # weights.copy_plan.CopyPlan: replay it
+    recorder: Any = None  # weights.copy_plan.PlanRecorder: load and record
+    misfits: int = 0  # tensors the plan did not fit (loaded by vLLM)
+
+    @property
+    def via(self) -> str:
+        """How the shadow is loaded: ``plan``, ``recording`` or ``load_weights``."""
+        return "plan" if self.plan else "recording" if self.recorder else "load_weights"
+
+    def load(self, items: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Staging thread: load one chunk into the shadow, the plan's way."""
+        items = self.track(items)
+        if self.plan is not None:
+            self.misfits += self.stage.replay(self.plan, items)
+        elif self.recorder is not None:
+            with self.recorder:
+                self.stage.load(self.recorder.track(items))
+        else:
+            self.stage.load(items)
 
     def seen(self) -> set[str]:
         return {name for name, _, _ in self.entries}
@@ -119,6 +142,7 @@ class RLCompatWeightTransferEngine(
         self._staged: list[tuple[str, torch.Tensor]] = []
         self._overlap: _Overlap | None = None
         self._job: Any = None  # weights.staging.StagingJob, made on first use
+        self._plan: Any = None  # CopyPlan once recorded, or why it cannot be
 
     @property
     def spec(self) -> Any:
@@ -173,10 +197,12 @@ class RLCompatWeightTransferEngine(
         self.receive_weights(self.parse_update_info(update_info))
 
     def begin_overlapped(self, model: torch.nn.Module, plan: Any, explicit: bool,
-                         max_gib: float) -> dict[str, Any]:
+                         max_gib: float, copy_plan: bool = True) -> dict[str, Any]:
         """Stage this update beside the live weights (``weights.staging``) if the
         model qualifies (``plan``) and the extra copy fits; else say why (or
-        raise, when overlapped staging was asked for explicitly)."""
+        raise, when overlapped staging was asked for explicitly). With
+        ``copy_plan``, the first such update records how vLLM loads it and
+        later ones replay that (``weights.copy_plan``)."""
         from vllm_rl_compat.weights import staging
         from vllm_rl_compat.weights.spec import WeightUpdateError
 
@@ -196,10 +222,22 @@ class RLCompatWeightTransferEngine(
                 raise WeightUpdateError(f"weight_staging='overlapped' refused: {reason}")
             logger.info("this weight update is staged in the pause: %s", reason)
             return {"overlapped": False, "why": reason}
-        self._overlap = _Overlap(staging.build(model, plan))
+        self._overlap = self._new_overlap(staging.build(model, plan), copy_plan)
         if self._job is None:
             self._job = staging.StagingJob()
-        return {"overlapped": True}
+        return {"overlapped": True, "via": self._overlap.via}
+
+    def _new_overlap(self, stage: Any, copy_plan: bool) -> _Overlap:
+        from vllm_rl_compat.weights.copy_plan import CopyPlan, PlanRecorder
+
+        overlap = _Overlap(stage)
+        if not copy_plan or isinstance(self._plan, str):
+            return overlap
+        if isinstance(self._plan, CopyPlan) and self._plan.matches(stage.slots):
+            overlap.plan = self._plan
+        else:
+            overlap.recorder = PlanRecorder(stage.slots, set(stage.fillings))
+        return overlap
 
     def staging_state(self) -> dict[str, bool]:
         """``held``: a shadow is allocated; ``busy``: the staging thread works."""
@@ -232,7 +270,7 @@ class RLCompatWeightTransferEngine(
             items = self._receive_broadcast(seen)
         else:
             items = self._stream_files(update_info.path, seen)
-        overlap.stage.load(overlap.track(items))
+        overlap.load(items)
 
     def _receive_broadcast(self, seen: set[str]) -> list[tuple[str, torch.Tensor]]:
         if self._group is None:
@@ -279,6 +317,16 @@ class RLCompatWeightTransferEngine(
         def complete() -> None:
             self.spec.validate(overlap.entries)
             overlap.stage.prepare()
+            if overlap.recorder is not None:
+                self._plan = overlap.recorder.finish()
+                if isinstance(self._plan, str):
+                    logger.info("overlapped weight updates keep running vLLM's "
+                                "load_weights: its writes cannot be replayed (%s)",
+                                self._plan)
+            elif overlap.misfits:
+                logger.info("%d tensors of this update differ in dtype or layout from "
+                            "the recorded copy plan; vLLM's load_weights loaded them",
+                            overlap.misfits)
 
         self._job.submit(complete)
 
@@ -290,12 +338,13 @@ class RLCompatWeightTransferEngine(
         staged, self._staged = self._staged, []
         return staged
 
-    def take_stage(self) -> Any:
-        """The prepared shadow of an overlapped update (the swap installs it)."""
+    def take_stage(self) -> tuple[Any, str]:
+        """The prepared shadow of an overlapped update (the swap installs it)
+        and how it was loaded (``_Overlap.via``)."""
         if self._job is not None and not self._job.done():
             raise RuntimeError("the staging thread has not finished")
         overlap, self._overlap = self._overlap, None
-        return overlap.stage
+        return overlap.stage, overlap.via
 
     def drop(self) -> None:
         self._staged = []

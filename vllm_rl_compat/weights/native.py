@@ -67,7 +67,7 @@ def staging_options(vllm_config: Any) -> dict[str, Any]:
     max_gib = envs.VLLM_RL_COMPAT_WEIGHT_STAGING_MAX_GIB
     return {"staging": mode,
             "max_gib": cfg.weight_staging_max_gib if max_gib is None else max_gib,
-            "allow_fast": _allow_fast()}
+            "allow_fast": _allow_fast(), "copy_plan": envs.VLLM_RL_COMPAT_COPY_PLAN}
 
 
 def _field(request: Any, name: str) -> Any:

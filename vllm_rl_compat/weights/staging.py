@@ -15,7 +15,9 @@ How, without touching anything the running model reads:
   its own parameters of the same class, shape and loader attributes (tied
   parameters stay tied). The model's own ``load_weights`` runs on the shadow
   root, so name mapping, qkv / gate_up stacking, TP sharding and each
-  parameter's ``weight_loader`` stay vLLM's, writing into the shadow.
+  parameter's ``weight_loader`` stay vLLM's, writing into the shadow. It is
+  recorded the first time; later updates replay its writes without its
+  Python, which the engine thread would wait for (``weights.copy_plan``).
 * On CPU a packed linear's live ``weight`` is empty (vLLM keeps only the
   oneDNN / sgl handle): its shadow weight gets storage on the first loader
   call; when every element has arrived (counted like vLLM's layerwise
@@ -50,19 +52,21 @@ import os
 import queue
 import sys
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
 import torch
 
 from vllm_rl_compat.weights.apply_cpu import (
     FastReloader,
+    Filling,
     counted_param,
     empty_like_meta,
     rebuild_packed_heads,
     reprocess,
     reprocess_kept_linears,
 )
+from vllm_rl_compat.weights.copy_plan import CopyPlan, replay_item, unrecorded
 
 logger = logging.getLogger("vllm.rl_compat")
 
@@ -91,12 +95,27 @@ class StagedWeights:
     packed: list[_PackedShadow]
     kept: list[torch.nn.Module]  # shadows of linears vLLM kept unpacked
     embeddings: list[torch.nn.Module]  # shadows of embedding-kind modules
+    slots: list[torch.nn.Parameter] = field(default_factory=list)  # every new parameter
+    fillings: dict[int, Filling] = field(default_factory=dict)  # slot index -> packed
     prepared: bool = False
 
     def load(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Load (part of) a validated update into the shadow (staging thread)."""
         with torch.no_grad():
             self.root.load_weights(weights)
+
+    def replay(self, plan: CopyPlan, weights: Iterable[tuple[str, torch.Tensor]]) -> int:
+        """Load through a recorded copy plan (``weights.copy_plan``); a tensor
+        it does not fit goes through ``load``. Returns how many did not fit."""
+        misfits = 0
+        with torch.no_grad():
+            for name, tensor in weights:
+                if plan.fits(name, tensor):
+                    replay_item(plan, name, tensor, self.slots, self.fillings)
+                else:
+                    self.root.load_weights([(name, tensor)])
+                    misfits += 1
+        return misfits
 
     def prepare(self) -> None:
         """Build every derived state the swap installs (staging thread)."""
@@ -156,11 +175,14 @@ def build(model: torch.nn.Module, plan: FastReloader) -> StagedWeights:
             elif meta is not None:
                 entry = _PackedShadow(shadow, meta)
                 staged.packed.append(entry)
-                shadow._parameters[name] = _packed_param(entry)
+                new, staged.fillings[len(staged.slots)] = _packed_param(entry)
+                staged.slots.append(new)
+                shadow._parameters[name] = new
             else:
-                shadow._parameters[name] = _param_like(param, params)
+                shadow._parameters[name] = _param_like(param, params, staged.slots)
         if SHADOW_ATTR in module.__dict__:
-            shadow.__dict__[SHADOW_ATTR] = _param_like(module.__dict__[SHADOW_ATTR], params)
+            shadow.__dict__[SHADOW_ATTR] = _param_like(module.__dict__[SHADOW_ATTR], params,
+                                                       staged.slots)
         if id(module) in kept:
             staged.kept.append(shadow)
         elif id(module) in embeddings:
@@ -181,8 +203,8 @@ def build(model: torch.nn.Module, plan: FastReloader) -> StagedWeights:
     return staged
 
 
-def _param_like(live: torch.nn.Parameter, memo: dict[int, torch.nn.Parameter]
-                ) -> torch.nn.Parameter:
+def _param_like(live: torch.nn.Parameter, memo: dict[int, torch.nn.Parameter],
+                slots: list[torch.nn.Parameter]) -> torch.nn.Parameter:
     """A parameter of ``live``'s class, shape, dtype and attributes, own storage."""
     if id(live) in memo:
         return memo[id(live)]
@@ -190,10 +212,11 @@ def _param_like(live: torch.nn.Parameter, memo: dict[int, torch.nn.Parameter]
     new.__class__ = live.__class__
     new.__dict__.update(live.__dict__)
     memo[id(live)] = new
+    slots.append(new)
     return new
 
 
-def _packed_param(entry: _PackedShadow) -> torch.nn.Parameter:
+def _packed_param(entry: _PackedShadow) -> tuple[torch.nn.Parameter, Filling]:
     """Like the parameter vLLM loaded into at start-up; storage on first use,
     packed (and the staging copy freed) when its last element arrives."""
     return counted_param(entry.meta, entry.layer, lambda: empty_like_meta(entry.meta),
@@ -203,7 +226,8 @@ def _packed_param(entry: _PackedShadow) -> torch.nn.Parameter:
 def _pack(entry: _PackedShadow) -> None:
     """Build the shadow layer's packed handle; its unpacked copy is freed."""
     staged = entry.layer.weight
-    reprocess(entry.layer)
+    with unrecorded():  # vLLM's processing: a replay runs it itself
+        reprocess(entry.layer)
     if entry.layer.weight.numel() != 0:
         raise RuntimeError(f"{type(entry.layer).__name__}: vLLM kept this weight "
                            f"unpacked on reload; overlapped staging does not apply")

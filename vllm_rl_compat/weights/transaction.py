@@ -97,7 +97,7 @@ class Transaction:
 
     def start(self, staging: dict[str, Any] | None = None) -> Steps:
         """``staging``: ``{"staging": auto|overlapped|in_pause, "max_gib",
-        "allow_fast"}`` (``options.staging_options``); ``None``: in the pause."""
+        "allow_fast", "copy_plan"}`` (``native.staging_options``); ``None``: in the pause."""
         self._require_closed("start_weight_update")
         staging = staging or {"staging": "in_pause"}
         self.open_id, self.chunks, self.polls = proof.new_txn_id(), 0, 0

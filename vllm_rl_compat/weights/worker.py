@@ -145,7 +145,8 @@ def _start(worker: Any, engine: Any, info: Any) -> dict[str, Any]:
     plan = _fast_reloader(worker) if (info or {}).get("allow_fast", True) else None
     return engine.begin_overlapped(worker.model_runner.get_model(), plan,
                                    explicit=mode == "overlapped",
-                                   max_gib=float((info or {}).get("max_gib", 0.0)))
+                                   max_gib=float((info or {}).get("max_gib", 0.0)),
+                                   copy_plan=bool((info or {}).get("copy_plan", True)))
 
 
 def _poll(worker: Any, engine: Any, info: Any) -> bool:
@@ -184,11 +185,12 @@ def _finish(worker: Any, engine: Any, allow_fast: Any) -> dict[str, Any]:
 def _swap(worker: Any, engine: Any) -> dict[str, Any]:
     """Install an overlapped update's prepared shadow: pointers only (the fp32
     head's derived state was staged with it, so no refresh pass)."""
-    engine.take_stage().swap()
+    stage, via = engine.take_stage()
+    stage.swap()
     _reset_runner_caches(worker)
     worker.finish_weight_update()
     return {"rank": int(getattr(worker, "rank", 0)), "head_refreshed": True,
-            "fast": True, "overlapped": True}
+            "fast": True, "overlapped": True, "via": via}
 
 
 def _abort(worker: Any, engine: Any, info: Any) -> None:
