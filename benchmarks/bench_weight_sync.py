@@ -29,6 +29,13 @@ The mode is chosen per update with ``VLLM_RL_COMPAT_WEIGHT_STAGING`` and
 ``VLLM_RL_COMPAT_COPY_PLAN`` (read by the front end at each update), so all
 modes share one engine and its load.
 
+By default (``--pin``) the front end, the engine core and the trainer are kept
+off the CPUs the worker's compute threads are bound to, as a deployment keeps
+them off its inference cores: unpinned on a 2-core machine, the kernel puts
+them on the compute core whenever the other one is busy (the engine core's
+busy loop fills it), and every step they share it with runs longer, update or
+not.
+
 Run: ``python benchmarks/bench_weight_sync.py [--updates 3]``; writes
 ``benchmarks/results/weight_sync_<cpu kind>.md`` with a header naming the
 machine (``benchmarks/machine.py``). Not a test.
@@ -246,6 +253,34 @@ def check_path(source: str, mode: str, r: dict) -> None:
                            f"via {r['via']}")
 
 
+def pin_off_compute(pids: list[int], spare: set[int]) -> None:
+    """Every thread of ``pids`` onto ``spare`` (threads they start later inherit it)."""
+    for pid in pids:
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            try:
+                os.sched_setaffinity(int(tid), spare)
+            except OSError:  # the thread ended
+                pass
+
+
+def keep_off_compute(args) -> set[int] | None:
+    """With ``--pin``: this process (front end) and the engine core onto the
+    CPUs the workers' compute threads are not bound to, as a deployment keeps
+    the serving framework off the inference cores; returns those CPUs."""
+    import psutil
+
+    if not args.pin:
+        return None
+    children = psutil.Process().children(recursive=True)
+    workers = [p for p in children if "Worker" in p.name()]
+    compute = set().union(*(os.sched_getaffinity(p.pid) for p in workers))
+    spare = set(range(os.cpu_count() or 1)) - compute
+    if not workers or not spare:
+        raise RuntimeError(f"--pin: no CPU left beside the workers' {sorted(compute)}")
+    pin_off_compute([os.getpid()] + [p.pid for p in children if p not in workers], spare)
+    return spare
+
+
 async def start_trainer(sync, model: str, args) -> subprocess.Popen:
     """A trainer process, connected (its start-up is not part of the update)."""
     from vllm_rl_compat.weights.broadcast import new_secret
@@ -256,6 +291,8 @@ async def start_trainer(sync, model: str, args) -> subprocess.Popen:
          model, "ok", "60", str(args.chunk_mb << 20)],
         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
         env={**os.environ, "TEST_TRAINER_SECRET": secret})
+    if args.spare:
+        pin_off_compute([trainer.pid], args.spare)
     line = await asyncio.to_thread(trainer.stdout.readline)
     if line.strip() != "TRAINER-READY":
         raise RuntimeError(f"trainer did not start: {line!r}")
@@ -274,6 +311,7 @@ async def run(args, model: str, state: dict) -> tuple[list[tuple], int]:
         max_num_seqs=max(args.streams, 1), enforce_eager=True))
     try:
         sync = await AsyncWeightSync.create(engine)
+        args.spare = keep_off_compute(args)
         load = Load(engine, args.streams, args.max_tokens)
         tasks = [asyncio.create_task(load.stream(i)) for i in range(args.streams)]
         while load.tok_per_s(time.monotonic() - 1, time.monotonic()) == 0:
@@ -306,6 +344,9 @@ def main() -> None:
                     help="seconds without an update before each one")
     ap.add_argument("--sources", default="tensors,files,broadcast")
     ap.add_argument("--chunk-mb", type=int, default=64)
+    ap.add_argument("--pin", action=argparse.BooleanOptionalAction, default=True,
+                    help="keep the front end, engine core and trainer off the "
+                         "workers' compute CPUs (default)")
     args = ap.parse_args()
 
     import torch
@@ -315,6 +356,7 @@ def main() -> None:
     model = str(default_model_dir())
     state = load_state(model)
     load_before = machine.load()
+    args.spare = None
     rows, nbytes = asyncio.run(run(args, model, state))
     copy_s = memcpy_seconds(nbytes)
     med = lambda rs, key: statistics.median(r[key] for r in rs)  # noqa: E731
@@ -341,7 +383,10 @@ def main() -> None:
              f"of that longest gap: the wait before the step (engine core, front end, "
              f"pause) and the step's own run in the worker, each minus its median; "
              f"noise = the stall measure over the quiet window before (no update); "
-             f"x = ratio to the memcpy; broadcast in chunks of {args.chunk_mb} MiB.", "",
+             f"x = ratio to the memcpy; broadcast in chunks of {args.chunk_mb} MiB; "
+             + (f"front end, engine core and trainer pinned to CPU(s) {sorted(args.spare)}, "
+                f"off the worker's compute CPU(s) (`--pin`)." if args.spare else
+                "front end, engine core and trainer not pinned (`--no-pin`)."), "",
              *machine.table(["source", "staging", "stall ms (x)", "wait / run ms", "noise ms",
                              "pause-to-resume ms (x)", "end-to-end ms (x)",
                              "decode tok/s during / quiet", "peak extra MiB (max)"], table)]
