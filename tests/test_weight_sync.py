@@ -213,6 +213,15 @@ def test_update_matches_fresh_engine_both_ways(untied):
     assert token_versions(out) == [(1, 0, 6)]
 
 
+@pytest.mark.engine
+def test_worker_gc_heap_frozen_after_warm_up(untied):
+    """Each worker froze its start-up heap (``weights.gc_heap``), so a full
+    collection does not scan it in the middle of a step (vLLM 0.32's CPU
+    worker leaves it unfrozen: 0)."""
+    for eng in (untied["eng_a"], untied["eng_b"]):
+        assert all(n > 0 for n in eng.collective_rpc("rl_compat_gc_frozen"))
+
+
 BAD_CASES = {
     "unknown name": (lambda sd: {**sd, "model.layers.0.mlp.bogus.weight": torch.zeros(2)},
                      "unknown names: model.layers.0.mlp.bogus.weight"),

@@ -95,6 +95,10 @@ ENTRIES: tuple[Entry, ...] = (
       for n in (*_RL_API, "reload_weights")),
     Entry(f"{_WORKER}.execute_model", "wrap", "engine step times (stall of an update)",
           ("self", "scheduler_output")),
+    Entry("vllm.v1.worker.cpu_worker:CPUWorker.compile_or_warm_up_model", "wrap",
+          "freeze the CPU worker's GC heap after warm-up (a full collection stalls a step)",
+          ("self",)),
+    Entry("vllm.utils.gc_utils:freeze_gc_heap", "call", "the freeze vLLM's GPU worker does"),
     Entry("vllm.v1.engine.core:EngineCore._attach_weight_version", "wrap",
           "per-token weight version labels", ("self", "outputs")),
     # versioned prefix cache

@@ -57,6 +57,12 @@ class WeightSyncExtension:
 
         return step_spans(since)
 
+    def rl_compat_gc_frozen(self) -> int:
+        """Objects the worker's GC heap froze at start-up (``weights.gc_heap``)."""
+        import gc
+
+        return gc.get_freeze_count()
+
     def rl_compat_staging(self) -> dict[str, bool]:
         """Does this worker hold staged weights or run staging work? (memory)"""
         engine = getattr(self, "weight_transfer_engine", None)
