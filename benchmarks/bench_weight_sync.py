@@ -10,10 +10,13 @@ in a short pause; ``overlapped, load_weights``: the same through vLLM's
 ``--updates`` full updates, alternating the order of modes, each after a
 quiet window of ``--quiet`` seconds, and reports medians of:
 
-* stall: the longest gap between two consecutive engine steps during the
-  update (the worker's step clock, ``weights.step_clock``) minus the median
-  step time of the quiet windows before and after it: what the update cost
-  the engine; beside it the same measure of the quiet window alone (noise);
+* stall: the largest excess of a gap between two consecutive engine steps
+  during the update (the worker's step clock, ``weights.step_clock``) over
+  the median gap of steps of the same kind in the quiet windows around the
+  updates so far: what the update cost the engine; beside it the same
+  measure of the quiet window alone (noise). Two kinds, because the load
+  replaces each finished request at once and a step that prefills one runs
+  about a quarter longer by itself, update or not;
 * pause-to-resume (the front end's pause, ``last_pause_seconds``);
 * end-to-end: the update call to its return, new version live (tensors:
   includes writing the shared-memory file; broadcast: from the receive call,
@@ -54,6 +57,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 os.environ.setdefault("VLLM_RL_COMPAT", "1")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
@@ -172,13 +176,14 @@ class Load:
 
 @dataclass
 class Stall:
-    """What an update cost the engine, from its step clock (``(start, end)``
-    of every step): the longest gap between two step ends touching the update
-    minus the median gap around it, split into the two parts of that gap --
-    the wait before the step (engine core, front end, the pause) and the
-    step's own run (the worker's model, slowed by work beside it) -- each
-    minus its own median; and the same longest-gap measure over the quiet
-    window before the update alone (the noise floor)."""
+    """What an update cost the engine, from its step clock (``(start, end,
+    new requests)`` of every step): the largest excess of a gap between two
+    step ends touching the update over the median gap of steps of its kind
+    (decode only, or prefilling new requests) outside updates, split into the
+    two parts of that gap -- the wait before the step (engine core, front
+    end, the pause) and the step's own run (the worker's model, slowed by
+    work beside it) -- each minus its own median; and the same measure over
+    the quiet window before the update alone (the noise floor)."""
 
     stall: float
     wait: float
@@ -187,28 +192,53 @@ class Stall:
     noise: float
     gaps: list[float]
     runs: list[float]
+    new: list[int]  # new requests each of those steps scheduled
+
+
+Row = tuple[float, float, float, int]  # previous step's end, start, end, new requests
+
+
+def _gap(r: Row) -> float:
+    return r[2] - r[0]
+
+
+def _wait(r: Row) -> float:
+    return r[1] - r[0]
+
+
+def _run(r: Row) -> float:
+    return r[2] - r[1]
 
 
 def stall(spans: list[list[float]], quiet: tuple[float, float], window: tuple[float, float],
-          after: float) -> Stall:
+          after: float, history: list[Row]) -> Stall:
     """``spans``: the step clock since the start of ``quiet``; ``window``: the
-    update call; ``after``: seconds of steps after it used for the medians."""
-    rows = [(a[1], b[0], b[1]) for a, b in zip(spans, spans[1:])]  # end, next start, next end
+    update call; ``after``: seconds of steps after it, added with the quiet
+    window's to ``history`` (every update's so far), which gives the medians.
+    Each step is compared with steps of its own kind: one that prefills new
+    requests (the load replaces finished ones) is slower by itself."""
+    rows: list[Row] = [(a[1], b[0], b[1], b[2]) for a, b in zip(spans, spans[1:])]
     quiet_rows = [r for r in rows if quiet[0] <= r[0] and r[2] <= quiet[1]]
-    around = quiet_rows + [r for r in rows if window[1] <= r[0] and r[2] <= window[1] + after]
-    med = lambda xs: statistics.median(xs) if xs else 0.0  # noqa: E731
-    gap_med = med([c - a for a, _, c in around])
-    wait_med, run_med = med([b - a for a, b, _ in around]), med([c - b for _, b, c in around])
+    history += quiet_rows + [r for r in rows if window[1] <= r[0] and r[2] <= window[1] + after]
+
+    def excess(r: Row, part: Callable[[Row], float]) -> float:
+        same = [part(h) for h in history if (h[3] > 0) == (r[3] > 0)]
+        base = same or [part(h) for h in history if not h[3]] or [part(r)]  # none yet: 0
+        return part(r) - statistics.median(base)
+
     during = [r for r in rows if r[2] >= window[0] and r[0] <= window[1]]
-    worst = max(during, key=lambda r: r[2] - r[0], default=(0.0, 0.0, 0.0))
-    return Stall(stall=worst[2] - worst[0] - gap_med, wait=worst[1] - worst[0] - wait_med,
-                 run=worst[2] - worst[1] - run_med, step=gap_med,
-                 noise=max((c - a for a, _, c in quiet_rows), default=0.0) - gap_med,
-                 gaps=[c - a for a, _, c in during], runs=[c - b for _, b, c in during])
+    worst = max(during, key=lambda r: excess(r, _gap), default=None)
+    decode = statistics.median([_gap(h) for h in history if not h[3]] or [0.0])
+    return Stall(stall=excess(worst, _gap) if worst else 0.0,
+                 wait=excess(worst, _wait) if worst else 0.0,
+                 run=excess(worst, _run) if worst else 0.0, step=decode,
+                 noise=max((excess(r, _gap) for r in quiet_rows), default=0.0),
+                 gaps=[_gap(r) for r in during], runs=[_run(r) for r in during],
+                 new=[r[3] for r in during])
 
 
 async def one_update(sync, engine, load: Load, source: str, mode: str, model: str,
-                     state: dict, args) -> dict:
+                     state: dict, args, history: list[Row]) -> dict:
     os.environ["VLLM_RL_COMPAT_WEIGHT_STAGING"], os.environ["VLLM_RL_COMPAT_COPY_PLAN"], _ = (
         MODES[mode])
     trainer = None
@@ -231,9 +261,9 @@ async def one_update(sync, engine, load: Load, source: str, mode: str, model: st
         await sync.disconnect_trainer()
     await asyncio.sleep(args.quiet)  # steps after the resume: the other half of the baseline
     spans = (await engine.collective_rpc("rl_compat_step_times", args=(quiet0,)))[0]
-    cost = stall(spans, (quiet0, t0), (t0, t1), args.quiet)
+    cost = stall(spans, (quiet0, t0), (t0, t1), args.quiet, history)
     print("  gaps ms:", [round(g * 1e3) for g in cost.gaps], "of which runs:",
-          [round(r * 1e3) for r in cost.runs], flush=True)
+          [round(r * 1e3) for r in cost.runs], "new requests:", cost.new, flush=True)
     return {"stall": cost.stall, "wait": cost.wait, "run": cost.run, "step": cost.step,
             "noise": cost.noise, "pause": sync.last_pause_seconds,
             "e2e": t1 - t0, "tps_update": load.tok_per_s(t0, t1),
@@ -318,12 +348,15 @@ async def run(args, model: str, state: dict) -> tuple[list[tuple], int]:
             await asyncio.sleep(0.1)
         await asyncio.sleep(args.quiet)  # all streams decoding
         # Not measured: the first overlapped update records the copy plan.
-        await one_update(sync, engine, load, "tensors", "overlapped", model, state, args)
+        history: list[Row] = []  # steps outside updates, for the medians
+        await one_update(sync, engine, load, "tensors", "overlapped", model, state, args,
+                         history)
         results: dict[tuple[str, str], list[dict]] = {}
         for source in args.sources.split(","):
             for k in range(args.updates):
                 for mode in (list(MODES) if k % 2 == 0 else list(MODES)[::-1]):
-                    r = await one_update(sync, engine, load, source, mode, model, state, args)
+                    r = await one_update(sync, engine, load, source, mode, model, state, args,
+                                         history)
                     check_path(source, mode, r)
                     results.setdefault((source, mode), []).append(r)
                     print(source, mode, r, flush=True)
@@ -377,9 +410,11 @@ def main() -> None:
              f"{copy_s * 1e3:.1f} ms (median of 10, this run); torch {torch.__version__}; "
              f"{args.streams} streaming requests decoding throughout; {args.updates} updates "
              f"per source and mode, modes alternated, {args.quiet:.0f} s quiet before each; "
-             f"medians. Stall = longest gap between two engine steps during the update minus "
-             f"the median step of the {args.quiet:.0f} s before and after it "
-             f"({statistics.median(steps) * 1e3:.0f} ms here); wait / run = the parts "
+             f"medians. Stall = largest excess of a gap between two engine steps during the "
+             f"update over the median gap of its kind (decode only: "
+             f"{statistics.median(steps) * 1e3:.0f} ms here; or prefilling new requests) "
+             f"in the {args.quiet:.0f} s quiet windows around the updates so far; "
+             f"wait / run = the parts "
              f"of that longest gap: the wait before the step (engine core, front end, "
              f"pause) and the step's own run in the worker, each minus its median; "
              f"noise = the stall measure over the quiet window before (no update); "

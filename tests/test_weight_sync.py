@@ -204,6 +204,7 @@ def test_update_matches_fresh_engine_both_ways(untied):
         for version, model in ((2, "b"), (3, "a")):
             assert sync_b.update_from_files(untied[f"dir_{model}"]) == version
             assert [(r["fast"], r["overlapped"]) for r in sync_b.last_apply] == [(fast, False)]
+            assert sync_b.last_steps == ["start", "update:1", "check", "finish"]
             assert forced_logprobs(untied["eng_b"]) == untied[f"ref_{model}"]  # exact
     # Versions of generated tokens: all from the weights now loaded.
     from vllm import SamplingParams
@@ -309,6 +310,9 @@ def test_overlapped_updates_replay_the_recorded_copy_plan(untied, monkeypatch):
         else:
             sync.update_from_tensors(state_dict(untied[f"dir_{model}"]))
         via.append([r["via"] for r in sync.last_apply])
+        # The chunk completed the update: its staging job validated and
+        # prepared it, so the finish made no "check" step.
+        assert "check" not in sync.last_steps and sync.last_steps[:2] == ["start", "update:1"]
         assert forced_logprobs(eng) == untied[f"ref_{model}"]  # exact
     assert via[0] in (["recording"], ["plan"])  # recorded here or by an earlier test
     assert via[1:] == [["plan"], ["plan"], ["load_weights"]]

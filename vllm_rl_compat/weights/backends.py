@@ -96,6 +96,7 @@ class _Overlap:
     plan: Any = None  # weights.copy_plan.CopyPlan: replay it
     recorder: Any = None  # weights.copy_plan.PlanRecorder: load and record
     misfits: int = 0  # tensors the plan did not fit (loaded by vLLM)
+    prepared: bool = False  # complete, validated and prepared: ready to swap
 
     @property
     def via(self) -> str:
@@ -244,10 +245,14 @@ class RLCompatWeightTransferEngine(
         busy = self._job is not None and self._job.busy()
         return {"held": self._overlap is not None, "busy": busy}
 
-    def poll(self) -> bool:
-        """Has the staging thread finished everything handed to it? Raises its
-        error (the transaction then aborts; the live model was not touched)."""
-        return self._job is None or self._job.done()
+    def poll(self) -> dict[str, bool]:
+        """``done``: the staging thread finished everything handed to it (raises
+        its error: the transaction then aborts, the live model untouched);
+        ``prepared``: and the update is complete and prepared, so the finish
+        needs no ``check`` step (``_complete`` ran after the last chunk)."""
+        done = self._job is None or self._job.done()
+        return {"done": done, "prepared": done and self._overlap is not None
+                and self._overlap.prepared}
 
     def receive_weights(self, update_info: RLCompatUpdateInfo) -> None:
         self._require_authorized("update_weights")
@@ -271,6 +276,8 @@ class RLCompatWeightTransferEngine(
         else:
             items = self._stream_files(update_info.path, seen)
         overlap.load(items)
+        if overlap.seen() >= set(self.spec.entries):  # every name: finish it now
+            self._complete(overlap)
 
     def _receive_broadcast(self, seen: set[str]) -> list[tuple[str, torch.Tensor]]:
         if self._group is None:
@@ -308,27 +315,31 @@ class RLCompatWeightTransferEngine(
     # ----------------------------------------------------------- finish
     def check_complete(self) -> None:
         """Every name of the spec staged exactly once (before anyone applies);
-        overlapped: then build the packed state, in the staging thread."""
+        overlapped: then build the packed state, in the staging thread (done
+        already when the last chunk completed the update)."""
         overlap = self._overlap
         if overlap is None:
             self.spec.validate(((n, tuple(t.shape), t.dtype) for n, t in self._staged))
+        elif not overlap.prepared:
+            self._job.submit(lambda: self._complete(overlap))
+
+    def _complete(self, overlap: _Overlap) -> None:
+        """Staging thread: validate the whole update, prepare the swap; the
+        first overlapped update also leaves its recorded copy plan."""
+        if overlap.prepared:
             return
-
-        def complete() -> None:
-            self.spec.validate(overlap.entries)
-            overlap.stage.prepare()
-            if overlap.recorder is not None:
-                self._plan = overlap.recorder.finish()
-                if isinstance(self._plan, str):
-                    logger.info("overlapped weight updates keep running vLLM's "
-                                "load_weights: its writes cannot be replayed (%s)",
-                                self._plan)
-            elif overlap.misfits:
-                logger.info("%d tensors of this update differ in dtype or layout from "
-                            "the recorded copy plan; vLLM's load_weights loaded them",
-                            overlap.misfits)
-
-        self._job.submit(complete)
+        self.spec.validate(overlap.entries)
+        overlap.stage.prepare()
+        overlap.prepared = True
+        if overlap.recorder is not None:
+            self._plan = overlap.recorder.finish()
+            if isinstance(self._plan, str):
+                logger.info("overlapped weight updates keep running vLLM's load_weights: "
+                            "its writes cannot be replayed (%s)", self._plan)
+        elif overlap.misfits:
+            logger.info("%d tensors of this update differ in dtype or layout from the "
+                        "recorded copy plan; vLLM's load_weights loaded them",
+                        overlap.misfits)
 
     @property
     def overlapped(self) -> bool:

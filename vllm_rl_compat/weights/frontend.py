@@ -104,6 +104,12 @@ class _Common:
         return self._txn.last_pause_seconds
 
     @property
+    def last_steps(self) -> list[str]:
+        """The worker steps the last update ran (``start``, ``update:1``,
+        ``poll:1``, ...); each one made while the engine steps waits for a step."""
+        return list(self._txn.steps)
+
+    @property
     def last_update_seconds(self) -> float | None:
         """Start of the last update to its new version live (or its failure)."""
         return self._txn.last_update_seconds

@@ -4,10 +4,12 @@ Why: a weight update's cost to rollouts is the gap it puts between two engine
 steps, not the front end's pause-to-resume (a pause waits for the running
 step; RPCs queue behind steps). ``Worker.execute_model`` is wrapped to record
 the monotonic times at the start and the end of every step that ran tokens,
-in a bounded ring; ``WeightSyncExtension.rl_compat_step_times`` reads it
-(read-only, so dev mode's ``/collective_rpc`` may too). Start and end tell a
-slower step (work in the worker competing with the model) from a longer
-wait between steps (the engine core, the front end, a pause).
+and how many new requests it scheduled, in a bounded ring;
+``WeightSyncExtension.rl_compat_step_times`` reads it (read-only, so dev
+mode's ``/collective_rpc`` may too). Start and end tell a slower step (work in
+the worker competing with the model) from a longer wait between steps (the
+engine core, the front end, a pause); the new-request count tells a step made
+longer by prefilling arrivals (about +25 % under the benchmark's load).
 ``time.monotonic`` is one clock for every process on the host, so a
 benchmark can line steps up with its own calls. Cost: one ``deque.append``
 per step.
@@ -21,11 +23,13 @@ from typing import Any, Callable
 
 from vllm_rl_compat.patching import patch_method, when_imported
 
-STEPS: collections.deque[tuple[float, float]] = collections.deque(maxlen=65536)
+STEPS: collections.deque[tuple[float, float, int]] = collections.deque(maxlen=65536)
 
 
-def step_spans(since: float = 0.0) -> list[tuple[float, float]]:
-    """``(start, end)`` of the steps that ended after ``since``."""
+def step_spans(since: float = 0.0) -> list[tuple[float, float, int]]:
+    """``(start, end, new)`` of the steps that ended after ``since``; ``new``:
+    requests the step scheduled for the first time (their prefill makes it
+    longer for reasons of its own)."""
     return [span for span in STEPS if span[1] > since]
 
 
@@ -34,7 +38,8 @@ def _wrap_execute_model(original: Callable[..., Any]) -> Callable[..., Any]:
         start = time.monotonic()
         result = original(self, scheduler_output, *args, **kwargs)
         if getattr(scheduler_output, "total_num_scheduled_tokens", 0) > 0:
-            STEPS.append((start, time.monotonic()))
+            new = len(getattr(scheduler_output, "scheduled_new_reqs", None) or ())
+            STEPS.append((start, time.monotonic(), new))
         return result
     return execute_model
 

@@ -11,14 +11,19 @@ routed here in RL mode, whichever backend carries the bytes:
   keeping running requests and their KV cache (``AsyncLLM``:
   ``pause_generation(mode="keep", clear_cache=False)``; offline ``LLM``:
   ``sleep(level=0, mode="keep")``), unless the caller already paused.
-  Overlapped (our backends, ``auto`` / ``overlapped``): no pause yet.
+  Overlapped (our backends, ``auto`` / ``overlapped``): no pause yet, and
+  the start goes out with the version and pause-state reads in one round
+  trip (``("all", ...)``): while the engine steps, every engine-core call
+  waits for the running step.
 * update (any number of chunks): every worker receives and validates into
   staging (our backends) or loads (vLLM's own, which stream straight into
   the parameters). Overlapped, a staging thread per worker does it and
   loads a shadow of the model while the engine keeps stepping; the call
   polls (``poll:K``) until every worker has the chunk.
 * finish: every worker checks its staging is complete (overlapped: and
-  builds the packed state, polled); only then does any worker apply (our
+  builds the packed state, polled; done already, without this step, when the
+  last chunk completed the update on every worker); only then does any
+  worker apply (our
   fast CPU apply, else vLLM's layerwise reload; overlapped: pause now and
   swap pointers), the fp32 head, close the backend's update. Then the
   version label is bumped and generation resumes.
@@ -48,7 +53,7 @@ from vllm_rl_compat.weights.versions import parse_version, version_start
 logger = logging.getLogger("vllm.rl_compat")
 
 WORKER_METHOD = "rl_compat_txn"
-Op = tuple  # ("rpc", step, info) | ("pause",) | ("resume",) | ("is_paused",) | ...
+Op = tuple  # ("rpc", step, info) | ("pause",) | ("is_paused",) | ("all", [op, ...]) | ...
 Steps = Generator[Op, Any, Any]
 
 
@@ -70,6 +75,8 @@ class Transaction:
     started_at: float = 0.0
     paused_at: float | None = None
     overlapped: bool = False  # this update is staged beside the live weights
+    prepared: bool = False  # overlapped: every worker validated and prepared it
+    steps: list[str] = field(default_factory=list)  # worker steps of the last update
     last_pause_seconds: float | None = None  # pause to resume (0.0: never paused)
     last_update_seconds: float | None = None  # start to the new version live
     # per worker, the last successful apply: {"rank", "head_refreshed", "fast", "overlapped"}
@@ -101,13 +108,22 @@ class Transaction:
         self._require_closed("start_weight_update")
         staging = staging or {"staging": "in_pause"}
         self.open_id, self.chunks, self.polls = proof.new_txn_id(), 0, 0
+        self.prepared, self.steps = False, []
         self.started_at, self.paused_at, self.overlapped = time.perf_counter(), None, False
         try:
-            self._adopt(parse_version((yield ("get_version",))))
-            may_pause = not (yield ("is_paused",))
-            if may_pause and staging["staging"] == "in_pause":
-                yield from self._pause()
-            results = yield self._rpc(self.open_id, "start", staging)
+            # One engine-core round trip where the order does not matter: each
+            # call made while the engine steps waits for the running step.
+            start = self._rpc(self.open_id, "start", staging)
+            early = staging["staging"] != "in_pause"  # no pause before the start
+            version, paused, *started = yield ("all", [("get_version",), ("is_paused",),
+                                                       *([start] if early else [])])
+            self._adopt(parse_version(version))
+            may_pause = not paused
+            if not early:
+                if may_pause:
+                    yield from self._pause()
+                started = [(yield start)]
+            results = started[0]
             self.overlapped = bool(results) and all(
                 isinstance(r, dict) and r.get("overlapped") for r in results)
             if not self.overlapped and may_pause and not self.paused_by_us:
@@ -131,8 +147,9 @@ class Transaction:
         """Check every worker, then apply; returns the new version."""
         self._require_open("finish_weight_update")
         try:
-            yield self._rpc(self.open_id, "check")
-            yield from self._wait()
+            if not self.prepared:  # else every worker checked after the last chunk
+                yield self._rpc(self.open_id, "check")
+                yield from self._wait()
             if self.overlapped and self.may_pause:
                 yield from self._pause()
         except BaseException as exc:
@@ -163,17 +180,21 @@ class Transaction:
 
     def _wait(self) -> Steps:
         """Overlapped: poll until every worker's staging thread is done with
-        what it was given (each poll is one short RPC between engine steps)."""
+        what it was given (each poll is one short RPC between engine steps);
+        note whether every worker also finished the update (``prepared``)."""
         delay = 0.002
         while self.overlapped:
             self.polls += 1
-            done = yield self._rpc(self.open_id, f"poll:{self.polls}")
-            if all(done):
+            states = yield self._rpc(self.open_id, f"poll:{self.polls}")
+            if all(s["done"] for s in states):
+                self.prepared = all(s["prepared"] for s in states)
                 return
             yield ("sleep", delay)
             delay = min(delay * 2, 0.02)
 
     def _rpc(self, txn: str, step: str, info: Any = None) -> Op:
+        if txn == self.open_id or step == "abort":
+            self.steps.append(step)
         return ("rpc", {"txn": txn, "step": step, "proof": proof.sign(txn, step), "info": info})
 
     def _adopt(self, parsed: int | str, default: int | None = None) -> None:
@@ -231,7 +252,9 @@ def run(steps: Steps, port: Any) -> Any:
         except StopIteration as stop:
             return stop.value
         try:
-            result, error = getattr(port, op[0])(*op[1:]), None
+            ops = op[1] if op[0] == "all" else [op]
+            results = [getattr(port, o[0])(*o[1:]) for o in ops]
+            result, error = results if op[0] == "all" else results[0], None
         except BaseException as exc:  # noqa: BLE001 - thrown back into the steps
             result, error = None, exc
 
@@ -255,7 +278,8 @@ async def run_async(steps: Steps, port: Any) -> Any:
             if cancelled:
                 raise asyncio.CancelledError()
             return stop.value
-        future = asyncio.ensure_future(getattr(port, op[0])(*op[1:]))
+        future = asyncio.ensure_future(_all(port, op[1]) if op[0] == "all"
+                                       else getattr(port, op[0])(*op[1:]))
         while True:
             try:
                 result, error = await asyncio.shield(future), None
@@ -267,6 +291,17 @@ async def run_async(steps: Steps, port: Any) -> Any:
             except BaseException as exc:  # noqa: BLE001 - thrown back into the steps
                 result, error = None, exc
                 break
+
+
+async def _all(port: Any, ops: list[Op]) -> list[Any]:
+    """``ops`` at once (``("all", ops)``); every one ends before the first
+    error, if any, is raised (nothing is left running behind the steps)."""
+    results = await asyncio.gather(*(getattr(port, o[0])(*o[1:]) for o in ops),
+                                   return_exceptions=True)
+    for result in results:
+        if isinstance(result, BaseException):
+            raise result
+    return results
 
 
 class LLMPort:

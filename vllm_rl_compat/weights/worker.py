@@ -17,8 +17,9 @@ staged overlapped, ``weights.staging``), ``update:N`` (vLLM's
 ``start_weight_update`` / ``update_weights``: our backends validate into
 staging, ``weights.backends``; overlapped, a staging thread does it and the
 RPC returns at once), ``poll:K`` (has the staging thread finished? its error
-if it failed), ``check`` (is the staging complete? overlapped: also prepare
-the packed state), ``finish`` (apply -- overlapped: swap pointers --, the fp32
+if it failed; and has it completed and prepared the update, which it does
+after the chunk that brings the last name), ``check`` (is the staging
+complete? overlapped: also prepare the packed state), ``finish`` (apply -- overlapped: swap pointers --, the fp32
 head, vLLM's ``finish_weight_update``) and ``abort`` (drop the staging).
 
 Apply path for our backends: on the CPU platform, for unquantized models made
@@ -51,8 +52,8 @@ class WeightSyncExtension:
         """``{checkpoint name: (shape, dtype)}`` an update must provide exactly."""
         return _spec(self).as_dict()
 
-    def rl_compat_step_times(self, since: float = 0.0) -> list[tuple[float, float]]:
-        """``(start, end)`` of recent engine steps (``weights.step_clock``)."""
+    def rl_compat_step_times(self, since: float = 0.0) -> list[tuple[float, float, int]]:
+        """``(start, end, new requests)`` of recent engine steps (``weights.step_clock``)."""
         from vllm_rl_compat.weights.step_clock import step_spans
 
         return step_spans(since)
@@ -155,8 +156,8 @@ def _start(worker: Any, engine: Any, info: Any) -> dict[str, Any]:
                                    copy_plan=bool((info or {}).get("copy_plan", True)))
 
 
-def _poll(worker: Any, engine: Any, info: Any) -> bool:
-    return engine.poll() if _is_ours(engine) else True
+def _poll(worker: Any, engine: Any, info: Any) -> dict[str, bool]:
+    return engine.poll() if _is_ours(engine) else {"done": True, "prepared": False}
 
 
 def _update(worker: Any, engine: Any, info: Any) -> None:
