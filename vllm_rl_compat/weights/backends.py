@@ -91,7 +91,7 @@ def worker_group_rank(parallel_config: Any, rank_offset: int) -> int:
 class _Overlap:
     """One overlapped update: its shadow and what each chunk delivered."""
 
-    stage: Any  # weights.staging.StagedWeights
+    stage: Any = None  # weights.staging.StagedWeights, built by the staging thread
     entries: list[tuple[str, tuple[int, ...], Any]] = field(default_factory=list)
     plan: Any = None  # weights.copy_plan.CopyPlan: replay it
     recorder: Any = None  # weights.copy_plan.PlanRecorder: load and record
@@ -223,22 +223,27 @@ class RLCompatWeightTransferEngine(
                 raise WeightUpdateError(f"weight_staging='overlapped' refused: {reason}")
             logger.info("this weight update is staged in the pause: %s", reason)
             return {"overlapped": False, "why": reason}
-        self._overlap = self._new_overlap(staging.build(model, plan), copy_plan)
         if self._job is None:
             self._job = staging.StagingJob()
-        return {"overlapped": True, "via": self._overlap.via}
+        overlap = self._overlap = _Overlap()
+        # The shadow is built by the staging thread too (10-30 ms of Python and
+        # allocation here, which the next step would otherwise wait for).
+        self._job.submit(lambda: self._build(overlap, model, plan, copy_plan))
+        return {"overlapped": True}
 
-    def _new_overlap(self, stage: Any, copy_plan: bool) -> _Overlap:
+    def _build(self, overlap: _Overlap, model: torch.nn.Module, plan: Any,
+               copy_plan: bool) -> None:
+        """Staging thread: the shadow, and whether its chunks record or replay."""
+        from vllm_rl_compat.weights import staging
         from vllm_rl_compat.weights.copy_plan import CopyPlan, PlanRecorder
 
-        overlap = _Overlap(stage)
+        stage = overlap.stage = staging.build(model, plan)
         if not copy_plan or isinstance(self._plan, str):
-            return overlap
+            return
         if isinstance(self._plan, CopyPlan) and self._plan.matches(stage.slots):
             overlap.plan = self._plan
         else:
             overlap.recorder = PlanRecorder(stage.slots, set(stage.fillings))
-        return overlap
 
     def staging_state(self) -> dict[str, bool]:
         """``held``: a shadow is allocated; ``busy``: the staging thread works."""

@@ -10,7 +10,8 @@ core.
 
 How, without touching anything the running model reads:
 
-* ``StagedWeights`` mirrors the model's module tree: a *shadow* of every
+* ``StagedWeights`` (built by the staging thread when the update starts)
+  mirrors the model's module tree: a *shadow* of every
   module, sharing its configuration (``__dict__`` copied shallowly) but with
   its own parameters of the same class, shape and loader attributes (tied
   parameters stay tied). The model's own ``load_weights`` runs on the shadow
