@@ -167,11 +167,14 @@ class RLCompatWeightTransferEngine(
         if not init_info.master_address:
             return  # files and shared memory need no connection
         from vllm_rl_compat.weights.broadcast import join_group
+        from vllm_rl_compat.weights.staging import off_compute_cpus
 
         rank = worker_group_rank(self.parallel_config, int(init_info.rank_offset))
-        self._group = join_group(init_info.master_address, int(init_info.master_port),
-                                 rank=rank, world_size=int(init_info.world_size),
-                                 timeout=float(init_info.timeout), secret=init_info.secret)
+        with off_compute_cpus():  # gloo's threads start here and inherit it
+            self._group = join_group(init_info.master_address, int(init_info.master_port),
+                                     rank=rank, world_size=int(init_info.world_size),
+                                     timeout=float(init_info.timeout),
+                                     secret=init_info.secret)
 
     def shutdown(self) -> None:
         group, self._group = self._group, None

@@ -48,13 +48,14 @@ of packed or kept linears, embeddings and plain layers.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import logging
 import os
 import queue
 import sys
 import threading
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 
@@ -355,12 +356,35 @@ def _compute_cpus() -> set[int]:
     return set(os.sched_getaffinity(0))  # the engine thread's, inherited by OMP threads
 
 
+def _spare_cpus(compute: set[int]) -> set[int]:
+    return set(range(os.cpu_count() or 1)) - compute
+
+
+@contextlib.contextmanager
+def off_compute_cpus() -> Iterator[None]:
+    """The calling (engine) thread runs on the spare CPUs for the block, so the
+    threads a library starts in it inherit them: gloo's TCP loop threads, which
+    copy every received byte, would otherwise sit on the compute core."""
+    compute = _compute_cpus()
+    spare = _spare_cpus(compute)
+    try:
+        if spare:
+            os.sched_setaffinity(0, spare)
+    except OSError:
+        spare = set()
+    try:
+        yield
+    finally:
+        if spare:
+            os.sched_setaffinity(0, compute)
+
+
 def _staging_thread_setup(compute: set[int]) -> None:
     """Off the compute cores, and behind every other thread on the spare ones
     (nice 10): the engine core's scheduler and the front end, which are on
     the critical path of every step, run there too."""
     tid = threading.get_native_id()
-    spare = set(range(os.cpu_count() or 1)) - compute
+    spare = _spare_cpus(compute)
     try:
         if spare:
             os.sched_setaffinity(tid, spare)
