@@ -22,6 +22,8 @@ quiet window of ``--quiet`` seconds, and reports medians of:
   includes writing the shared-memory file; broadcast: from the receive call,
   the trainer already connected);
 * decode tok/s received by the clients during the update vs the quiet window;
+* the staging thread's time loading the shadow (reading or receiving the
+  bytes included; replay vs ``load_weights``: the loader's own Python);
 * peak extra memory: anonymous RSS of the engine's processes during the
   update minus just before it (sampled every 10 ms), the largest over the
   updates (the allocator keeps freed pages, so later updates re-use the
@@ -271,7 +273,8 @@ async def one_update(sync, engine, load: Load, source: str, mode: str, model: st
             else load.tok_per_s(quiet0, t0),
             "mem": rss.peak - base,
             "overlapped": all(r.get("overlapped") for r in sync.last_apply),
-            "via": {r.get("via") for r in sync.last_apply}}
+            "via": {r.get("via") for r in sync.last_apply},
+            "load": max((r.get("load_seconds", 0.0) for r in sync.last_apply), default=0.0)}
 
 
 def check_path(source: str, mode: str, r: dict) -> None:
@@ -403,7 +406,8 @@ def main() -> None:
             f"{med(rs, 'noise') * 1e3:.0f} | {pause * 1e3:.0f} ({pause / copy_s:.1f}x) | "
             f"{e2e * 1e3:.0f} ({e2e / copy_s:.1f}x) | "
             f"{med(rs, 'tps_update'):.0f} / {med(rs, 'tps_quiet'):.0f} | "
-            f"{max(r['mem'] for r in rs) / 2**20:.0f} |")
+            f"{max(r['mem'] for r in rs) / 2**20:.0f} | "
+            + (f"{med(rs, 'load') * 1e3:.0f} |" if mode.startswith("overlapped") else "- |"))
     lines = [machine.header("Weight updates of SmolLM2-135M on CPU under load: overlapped "
                             "staging vs in the pause", load_before),
              f"SmolLM2-135M bf16 (eager): {nbytes / 2**20:.1f} MiB; memcpy of the same bytes: "
@@ -418,13 +422,16 @@ def main() -> None:
              f"of that longest gap: the wait before the step (engine core, front end, "
              f"pause) and the step's own run in the worker, each minus its median; "
              f"noise = the stall measure over the quiet window before (no update); "
-             f"x = ratio to the memcpy; broadcast in chunks of {args.chunk_mb} MiB; "
+             f"x = ratio to the memcpy; staging thread loading = its time reading or "
+             f"receiving the bytes and loading them into the shadow (replaying the copy "
+             f"plan, or vLLM's load_weights); broadcast in chunks of {args.chunk_mb} MiB; "
              + (f"front end, engine core and trainer pinned to CPU(s) {sorted(args.spare)}, "
                 f"off the worker's compute CPU(s) (`--pin`)." if args.spare else
                 "front end, engine core and trainer not pinned (`--no-pin`)."), "",
              *machine.table(["source", "staging", "stall ms (x)", "wait / run ms", "noise ms",
                              "pause-to-resume ms (x)", "end-to-end ms (x)",
-                             "decode tok/s during / quiet", "peak extra MiB (max)"], table)]
+                             "decode tok/s during / quiet", "peak extra MiB (max)",
+                             "staging thread loading ms"], table)]
     machine.write_results("weight_sync", lines)
 
 

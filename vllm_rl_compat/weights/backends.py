@@ -34,6 +34,7 @@ drive them.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator
 
@@ -97,6 +98,7 @@ class _Overlap:
     recorder: Any = None  # weights.copy_plan.PlanRecorder: load and record
     misfits: int = 0  # tensors the plan did not fit (loaded by vLLM)
     prepared: bool = False  # complete, validated and prepared: ready to swap
+    load_seconds: float = 0.0  # staging thread time loading the shadow (all chunks)
 
     @property
     def via(self) -> str:
@@ -104,15 +106,20 @@ class _Overlap:
         return "plan" if self.plan else "recording" if self.recorder else "load_weights"
 
     def load(self, items: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Staging thread: load one chunk into the shadow, the plan's way."""
+        """Staging thread: load one chunk into the shadow, the plan's way
+        (timed: reading or receiving the bytes included)."""
         items = self.track(items)
-        if self.plan is not None:
-            self.misfits += self.stage.replay(self.plan, items)
-        elif self.recorder is not None:
-            with self.recorder:
-                self.stage.load(self.recorder.track(items))
-        else:
-            self.stage.load(items)
+        start = time.perf_counter()
+        try:
+            if self.plan is not None:
+                self.misfits += self.stage.replay(self.plan, items)
+            elif self.recorder is not None:
+                with self.recorder:
+                    self.stage.load(self.recorder.track(items))
+            else:
+                self.stage.load(items)
+        finally:
+            self.load_seconds += time.perf_counter() - start
 
     def seen(self) -> set[str]:
         return {name for name, _, _ in self.entries}
@@ -357,13 +364,13 @@ class RLCompatWeightTransferEngine(
         staged, self._staged = self._staged, []
         return staged
 
-    def take_stage(self) -> tuple[Any, str]:
+    def take_stage(self) -> tuple[Any, dict[str, Any]]:
         """The prepared shadow of an overlapped update (the swap installs it)
-        and how it was loaded (``_Overlap.via``)."""
+        and how it was loaded (``_Overlap.via``, seconds loading it)."""
         if self._job is not None and not self._job.done():
             raise RuntimeError("the staging thread has not finished")
         overlap, self._overlap = self._overlap, None
-        return overlap.stage, overlap.via
+        return overlap.stage, {"via": overlap.via, "load_seconds": overlap.load_seconds}
 
     def drop(self) -> None:
         self._staged = []

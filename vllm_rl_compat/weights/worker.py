@@ -192,12 +192,12 @@ def _finish(worker: Any, engine: Any, allow_fast: Any) -> dict[str, Any]:
 def _swap(worker: Any, engine: Any) -> dict[str, Any]:
     """Install an overlapped update's prepared shadow: pointers only (the fp32
     head's derived state was staged with it, so no refresh pass)."""
-    stage, via = engine.take_stage()
+    stage, loaded = engine.take_stage()
     stage.swap()
     _reset_runner_caches(worker)
     worker.finish_weight_update()
     return {"rank": int(getattr(worker, "rank", 0)), "head_refreshed": True,
-            "fast": True, "overlapped": True, "via": via}
+            "fast": True, "overlapped": True, **loaded}
 
 
 def _abort(worker: Any, engine: Any, info: Any) -> None:
