@@ -3,9 +3,9 @@
 One ``AsyncLLM`` keeps ``--streams`` streaming requests decoding the whole
 time (a finished request is replaced at once). For each source (in-process
 tensors, a safetensors folder, a trainer broadcast over gloo) and each
-staging mode (``overlapped``: staged beside the live weights while decoding
-by replaying the copy plan recorded from a first, unmeasured update, swapped
-in a short pause; ``overlapped, load_weights``: the same through vLLM's
+staging mode (``overlapped``: staged beside the live weights while decoding,
+swapped in a short pause; ``overlapped, copy plan``: the same, replaying the
+copy plan recorded from a first, unmeasured update instead of running vLLM's
 ``load_weights``; ``in_pause``: everything inside the pause) it runs
 ``--updates`` full updates, alternating the order of modes, each after a
 quiet window of ``--quiet`` seconds, and reports medians of:
@@ -70,9 +70,9 @@ sys.path.insert(0, str(HERE))
 import machine  # noqa: E402  (benchmarks/machine.py: the results-file header)
 
 # label -> (VLLM_RL_COMPAT_WEIGHT_STAGING, VLLM_RL_COMPAT_COPY_PLAN, how the shadow loads)
-MODES = {"overlapped": ("overlapped", "1", "plan"),
-         "overlapped, load_weights": ("overlapped", "0", "load_weights"),
-         "in_pause": ("in_pause", "1", None)}
+MODES = {"overlapped": ("overlapped", "0", "load_weights"),
+         "overlapped, copy plan": ("overlapped", "1", "plan"),
+         "in_pause": ("in_pause", "0", None)}
 
 
 def memcpy_seconds(nbytes: int, repeats: int = 10) -> float:
@@ -350,10 +350,10 @@ async def run(args, model: str, state: dict) -> tuple[list[tuple], int]:
         while load.tok_per_s(time.monotonic() - 1, time.monotonic()) == 0:
             await asyncio.sleep(0.1)
         await asyncio.sleep(args.quiet)  # all streams decoding
-        # Not measured: the first overlapped update records the copy plan.
+        # Not measured: the first update with the copy plan records it.
         history: list[Row] = []  # steps outside updates, for the medians
-        await one_update(sync, engine, load, "tensors", "overlapped", model, state, args,
-                         history)
+        await one_update(sync, engine, load, "tensors", "overlapped, copy plan", model,
+                         state, args, history)
         results: dict[tuple[str, str], list[dict]] = {}
         for source in args.sources.split(","):
             for k in range(args.updates):
@@ -423,8 +423,8 @@ def main() -> None:
              f"pause) and the step's own run in the worker, each minus its median; "
              f"noise = the stall measure over the quiet window before (no update); "
              f"x = ratio to the memcpy; staging thread loading = its time reading or "
-             f"receiving the bytes and loading them into the shadow (replaying the copy "
-             f"plan, or vLLM's load_weights); broadcast in chunks of {args.chunk_mb} MiB; "
+             f"receiving the bytes and loading them into the shadow (vLLM's load_weights, "
+             f"or replaying the copy plan); broadcast in chunks of {args.chunk_mb} MiB; "
              + (f"front end, engine core and trainer pinned to CPU(s) {sorted(args.spare)}, "
                 f"off the worker's compute CPU(s) (`--pin`)." if args.spare else
                 "front end, engine core and trainer not pinned (`--no-pin`)."), "",

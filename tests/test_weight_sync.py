@@ -295,9 +295,10 @@ def test_overlapped_staging_faults_and_memory(untied, tmp_path, monkeypatch):
 
 @pytest.mark.engine
 def test_overlapped_updates_replay_the_recorded_copy_plan(untied, monkeypatch):
-    """After the first overlapped update of a worker (vLLM's ``load_weights``,
-    recorded), later ones replay the recorded writes (``weights.copy_plan``):
-    exact, from files and tensors; ``VLLM_RL_COMPAT_COPY_PLAN=0`` runs the loader."""
+    """With ``VLLM_RL_COMPAT_COPY_PLAN=1`` (opt-in), after the first overlapped
+    update of a worker (vLLM's ``load_weights``, recorded) later ones replay the
+    recorded writes (``weights.copy_plan``): exact, from files and tensors;
+    ``0`` (the default) runs the loader."""
     if not OVERLAPPED:
         pytest.skip("this run stages every update in the pause")
     eng, sync = untied["eng_b"], untied["sync_b"]

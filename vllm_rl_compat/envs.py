@@ -72,10 +72,11 @@ environment_variables: dict[str, tuple[Callable[[], Any], str]] = {
         "for the updates a front end starts (for comparisons); read at each update.",
     ),
     "VLLM_RL_COMPAT_COPY_PLAN": (
-        _flag("VLLM_RL_COMPAT_COPY_PLAN", default="1"),
-        "`0` makes overlapped weight staging run vLLM's `load_weights` for every "
-        "update instead of replaying the copy plan recorded from the first "
-        "(`weights/copy_plan.py`; for comparisons; default `1`); read at each update.",
+        _flag("VLLM_RL_COMPAT_COPY_PLAN", default="0"),
+        "`1` makes overlapped weight staging record how vLLM's `load_weights` "
+        "writes the first update and replay those writes for later ones instead "
+        "of running the loader (`weights/copy_plan.py`; opt-in: no gain measured "
+        "yet, see the README); read at each update.",
     ),
     "VLLM_RL_COMPAT_WEIGHT_STAGING_MAX_GIB": (
         lambda: float(os.environ["VLLM_RL_COMPAT_WEIGHT_STAGING_MAX_GIB"])

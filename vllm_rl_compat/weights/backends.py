@@ -22,9 +22,10 @@ staging (files too: the bytes validated are the bytes applied). Two ways:
   thread and returns, so the engine keeps stepping while it is received,
   validated and loaded into a shadow of the model (``weights.staging``);
   ``poll`` reports progress and errors, ``check_complete`` prepares the
-  packed state, and the finish step only swaps (``take_stage``). The first
-  overlapped update of a worker records how vLLM's loader writes the shadow;
-  later ones replay that record (``weights.copy_plan``).
+  packed state, and the finish step only swaps (``take_stage``). Opt-in
+  (``VLLM_RL_COMPAT_COPY_PLAN=1``): the first overlapped update of a worker
+  records how vLLM's loader writes the shadow, later ones replay that record
+  (``weights.copy_plan``).
 
 Every method that changes state refuses calls that do not come from the front
 end's transaction (``authorized``), so dev mode's ``/collective_rpc`` cannot
@@ -208,12 +209,12 @@ class RLCompatWeightTransferEngine(
         self.receive_weights(self.parse_update_info(update_info))
 
     def begin_overlapped(self, model: torch.nn.Module, plan: Any, explicit: bool,
-                         max_gib: float, copy_plan: bool = True) -> dict[str, Any]:
+                         max_gib: float, copy_plan: bool = False) -> dict[str, Any]:
         """Stage this update beside the live weights (``weights.staging``) if the
         model qualifies (``plan``) and the extra copy fits; else say why (or
         raise, when overlapped staging was asked for explicitly). With
-        ``copy_plan``, the first such update records how vLLM loads it and
-        later ones replay that (``weights.copy_plan``)."""
+        ``copy_plan`` (opt-in), the first such update records how vLLM loads
+        it and later ones replay that (``weights.copy_plan``)."""
         from vllm_rl_compat.weights import staging
         from vllm_rl_compat.weights.spec import WeightUpdateError
 

@@ -16,9 +16,9 @@ How, without touching anything the running model reads:
   its own parameters of the same class, shape and loader attributes (tied
   parameters stay tied). The model's own ``load_weights`` runs on the shadow
   root, so name mapping, qkv / gate_up stacking, TP sharding and each
-  parameter's ``weight_loader`` stay vLLM's, writing into the shadow. It is
-  recorded the first time; later updates replay its writes without its
-  Python, which the engine thread would wait for (``weights.copy_plan``).
+  parameter's ``weight_loader`` stay vLLM's, writing into the shadow.
+  Opt-in, it is recorded the first time and later updates replay its writes
+  without its Python (``weights.copy_plan``).
 * On CPU a packed linear's live ``weight`` is empty (vLLM keeps only the
   oneDNN / sgl handle): its shadow weight gets storage on the first loader
   call; when every element has arrived (counted like vLLM's layerwise

@@ -153,7 +153,7 @@ def _start(worker: Any, engine: Any, info: Any) -> dict[str, Any]:
     return engine.begin_overlapped(worker.model_runner.get_model(), plan,
                                    explicit=mode == "overlapped",
                                    max_gib=float((info or {}).get("max_gib", 0.0)),
-                                   copy_plan=bool((info or {}).get("copy_plan", True)))
+                                   copy_plan=bool((info or {}).get("copy_plan", False)))
 
 
 def _poll(worker: Any, engine: Any, info: Any) -> dict[str, bool]:
