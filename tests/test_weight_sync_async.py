@@ -91,7 +91,10 @@ async def _run(model_a: str, model_b: str, monkeypatch) -> None:
             for k in range(K_UPDATES):
                 while min_tokens() < 6 * (k + 1):
                     await asyncio.sleep(0.005)
-                versions.append(await sync.update_from_tensors(states[k % 2]))
+                with monkeypatch.context() as mp:
+                    if k == 0:  # pauses at once: every request is still running
+                        mp.setenv("VLLM_RL_COMPAT_WEIGHT_STAGING", "in_pause")
+                    versions.append(await sync.update_from_tensors(states[k % 2]))
             return versions
 
         tasks = [asyncio.create_task(consume(i)) for i in range(N_REQUESTS)]
