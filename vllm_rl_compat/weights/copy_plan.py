@@ -123,7 +123,6 @@ class PlanRecorder(TorchDispatchMode):
     def __init__(self, slots: list[torch.nn.Parameter], packed: set[int]) -> None:
         super().__init__()
         self.slots = slots
-        self.packed = packed  # slot indices that get storage while loading
         self.storage = {i: s.data_ptr() for i, s in enumerate(slots) if i not in packed}
         self.signature = slot_signature(slots)  # as ``build`` makes them, before loading
         self.bases: dict[int, tuple[tuple[int, ...], tuple[int, ...]]] = {}  # slot layouts
