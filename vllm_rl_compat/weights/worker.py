@@ -9,7 +9,10 @@ calls worker methods by name) reaches nothing else of ours:
 * ``rl_compat_txn(txn, step, proof, info)`` runs one step of the front end's
   transaction (``weights.transaction``) after checking its proof
   (``weights.proof``) and its order: ``start`` needs a fresh transaction id,
-  every other step the open one; each step runs at most once.
+  every other step the open one; each step runs at most once; after a step
+  of the open update failed, only ``abort`` runs (the engine core's commit,
+  ``weights.boundary_commit``, signs its own ``poll:cK`` / ``check`` /
+  ``finish`` steps, and may be queued behind a step that fails).
 
 Steps: ``init`` / ``shutdown`` (vLLM's ``init_weight_transfer_engine`` /
 ``shutdown_weight_transfer_engine``), ``start`` (says whether this update is
@@ -76,30 +79,42 @@ class WeightSyncExtension:
         from vllm_rl_compat.weights.proof import verify
 
         verify(txn, step, proof)
-        _admit(self, txn, step)
+        state = _admit(self, txn, step)
         name = step.partition(":")[0]
         engine = getattr(self, "weight_transfer_engine", None)
         if engine is None:
             raise RuntimeError("this engine has no weight_transfer_config (RL mode sets one "
                                "unless weight_sync is off)")
-        with _authorized(engine):
-            return _STEPS[name](self, engine, info)
+        try:
+            with _authorized(engine):
+                return _STEPS[name](self, engine, info)
+        except Exception as exc:
+            if state["open"] == txn:  # later steps of this update are refused
+                state["failed"] = f"{step}: {exc}"
+            raise
 
 
 # ------------------------------------------------------------ step order
-def _admit(worker: Any, txn: str, step: str) -> None:
-    """Each step once, in order: a replayed or forged sequence is refused."""
-    state = worker.__dict__.setdefault("_rl_compat_txns", {"open": None, "done": set()})
+def _admit(worker: Any, txn: str, step: str) -> dict[str, Any]:
+    """Each step once, in order: a replayed or forged sequence is refused; after
+    a failed step only ``abort`` is (steps may be queued behind one another,
+    e.g. ``start``, ``update:1`` and the engine core's commit in one round trip)."""
+    state = worker.__dict__.setdefault("_rl_compat_txns",
+                                       {"open": None, "done": set(), "failed": None})
     key = (txn, step)
     if key in state["done"] or step.partition(":")[0] not in _STEPS:
         raise PermissionError(f"weight step {step!r} refused: replayed or unknown")
     if step == "start":
-        state["open"] = txn
+        state["open"], state["failed"] = txn, None
     elif step not in ("init", "shutdown") and state["open"] != txn:
         raise PermissionError(f"weight step {step!r} refused: its transaction is not open")
+    elif state["failed"] and step not in ("init", "shutdown", "abort"):
+        raise RuntimeError(f"weight step {step!r} refused: an earlier step of this update "
+                           f"failed ({state['failed']}); model unchanged")
     if step in ("finish", "abort"):
         state["open"] = None
     state["done"].add(key)
+    return state
 
 
 @contextlib.contextmanager
