@@ -85,6 +85,28 @@ def test_unlisted_vllm_attribute_cannot_be_patched() -> None:
     assert not hasattr(EngineArgs.from_cli_args, contract.PATCH_MARK)
 
 
+def test_added_methods_are_ours_only_and_added_once() -> None:
+    """``patching.add_method``: only ``rl_compat_*`` names, never over a vLLM
+    attribute, a second add is a no-op (what the engine-core commit relies on)."""
+    from vllm_rl_compat.patching import add_method
+
+    class Core:
+        def step(self) -> int:
+            return 1
+
+    def rl_compat_probe(self) -> int:
+        return 2
+
+    with pytest.raises(ValueError, match="'probe': methods added to vLLM classes"):
+        add_method(Core, "probe", rl_compat_probe)
+    assert add_method(Core, "rl_compat_probe", rl_compat_probe) is True
+    assert add_method(Core, "rl_compat_probe", rl_compat_probe) is False
+    assert Core().rl_compat_probe() == 2
+    Core.rl_compat_step = Core.step
+    with pytest.raises(RuntimeError, match=r"cannot add .*Core\.rl_compat_step: it exists"):
+        add_method(Core, "rl_compat_step", rl_compat_probe)
+
+
 def test_optional_internal_missing_is_reported_by_name(monkeypatch) -> None:
     """The fast CPU apply's internals: a clear error the worker turns into the
     layerwise reload (``weights/worker._fast_reloader``)."""

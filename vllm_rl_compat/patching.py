@@ -42,6 +42,27 @@ def patch_method(owner: Any, name: str, wrap: Callable[[Any], Any]) -> bool:
     return True
 
 
+def add_method(owner: type, name: str, method: Callable[..., Any]) -> bool:
+    """Give a vLLM class a method of ours (``False`` if already done).
+
+    Only ``rl_compat_*`` names, which vLLM does not use, so nothing of vLLM's
+    is replaced; vLLM reaches them by name (e.g. an engine-core utility call).
+    """
+    if not name.startswith("rl_compat_"):
+        raise ValueError(f"{name!r}: methods added to vLLM classes are named rl_compat_*")
+    current = owner.__dict__.get(name)
+    if current is not None:
+        if getattr(current, _MARK, None) is _ADDED:
+            return False
+        raise RuntimeError(f"vllm-rl-compat cannot add {_title(owner)}.{name}: it exists")
+    setattr(method, _MARK, _ADDED)
+    setattr(owner, name, method)
+    return True
+
+
+_ADDED = object()  # the mark of an added method (it wraps nothing)
+
+
 def original_of(owner: Any, name: str) -> Any:
     """The unpatched ``owner.name`` (the attribute itself if not patched)."""
     current = getattr(owner, name)
