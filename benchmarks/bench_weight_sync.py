@@ -4,7 +4,8 @@ One ``AsyncLLM`` keeps ``--streams`` streaming requests decoding the whole
 time (a finished request is replaced at once). For each source (in-process
 tensors, a safetensors folder, a trainer broadcast over gloo) and each
 staging mode (``overlapped``: staged beside the live weights while decoding,
-swapped in a short pause; ``overlapped, copy plan``: the same, replaying the
+swapped between two engine steps by the engine core, no pause,
+``weights.boundary_commit``; ``overlapped, copy plan``: the same, replaying the
 copy plan recorded from a first, unmeasured update instead of running vLLM's
 ``load_weights``; ``in_pause``: everything inside the pause) it runs
 ``--updates`` full updates, alternating the order of modes, each after a
@@ -17,10 +18,13 @@ quiet window of ``--quiet`` seconds, and reports medians of:
   measure of the quiet window alone (noise). Two kinds, because the load
   replaces each finished request at once and a step that prefills one runs
   about a quarter longer by itself, update or not;
-* pause-to-resume (the front end's pause, ``last_pause_seconds``);
+* pause-to-resume (the front end's pause, ``last_pause_seconds``; 0: never
+  paused);
 * end-to-end: the update call to its return, new version live (tensors:
   includes writing the shared-memory file; broadcast: from the receive call,
-  the trainer already connected);
+  the trainer already connected), also in median decode steps: a version goes
+  live at a step boundary, so under load the floor is the rest of the running
+  step;
 * decode tok/s received by the clients during the update vs the quiet window;
 * the staging thread's time loading the shadow (reading or receiving the
   bytes included; replay vs ``load_weights``: the loader's own Python);
@@ -405,7 +409,7 @@ def main() -> None:
             f"| {source} | {mode} | {stall_s * 1e3:.0f} ({stall_s / copy_s:.1f}x) | "
             f"{med(rs, 'wait') * 1e3:.0f} / {med(rs, 'run') * 1e3:.0f} | "
             f"{med(rs, 'noise') * 1e3:.0f} | {pause * 1e3:.0f} ({pause / copy_s:.1f}x) | "
-            f"{e2e * 1e3:.0f} ({e2e / copy_s:.1f}x) | "
+            f"{e2e * 1e3:.0f} ({e2e / copy_s:.1f}x, {e2e / med(rs, 'step'):.1f} steps) | "
             f"{med(rs, 'tps_update'):.0f} / {med(rs, 'tps_quiet'):.0f} | "
             f"{max(r['mem'] for r in rs) / 2**20:.0f} | "
             + (f"{med(rs, 'load') * 1e3:.0f} |" if mode.startswith("overlapped") else "- |"))
@@ -423,6 +427,8 @@ def main() -> None:
              f"of that longest gap: the wait before the step (engine core, front end, "
              f"pause) and the step's own run in the worker, each minus its median; "
              f"noise = the stall measure over the quiet window before (no update); "
+             f"pause-to-resume 0 = never paused (overlapped: the engine core commits "
+             f"between two steps); "
              f"x = ratio to the memcpy; staging thread loading = its time reading or "
              f"receiving the bytes and loading them into the shadow (vLLM's load_weights, "
              f"or replaying the copy plan); broadcast in chunks of {args.chunk_mb} MiB; "
@@ -430,7 +436,7 @@ def main() -> None:
                 f"off the worker's compute CPU(s) (`--pin`)." if args.spare else
                 "front end, engine core and trainer not pinned (`--no-pin`)."), "",
              *machine.table(["source", "staging", "stall ms (x)", "wait / run ms", "noise ms",
-                             "pause-to-resume ms (x)", "end-to-end ms (x)",
+                             "pause-to-resume ms (x)", "end-to-end ms (x, decode steps)",
                              "decode tok/s during / quiet", "peak extra MiB (max)",
                              "staging thread loading ms"], table)]
     machine.write_results("weight_sync", lines)

@@ -167,6 +167,21 @@ async def _run(model_a: str, model_b: str, monkeypatch) -> None:
             assert await _greedy(engine) == ref[loaded], (delay, sync.version)
         assert await sync.update_from_tensors(states[0]) == sync.version  # still usable
         assert [r["overlapped"] for r in sync.last_apply] == [True]  # auto, on CPU
+        # One round trip; the engine core commits between two steps: no pause.
+        assert sync.last_steps[:3] == ["start", "update:1", "commit"], sync.last_steps
+        assert sync.last_pause_seconds == 0.0
+
+        # A start that fails (explicit overlapped staging that does not fit)
+        # refuses the chunk and the commit queued behind it: nothing applied.
+        v = sync.version
+        with monkeypatch.context() as mp:
+            mp.setenv("VLLM_RL_COMPAT_WEIGHT_STAGING", "overlapped")
+            mp.setenv("VLLM_RL_COMPAT_WEIGHT_STAGING_MAX_GIB", "0.0001")
+            with pytest.raises(WeightUpdateError, match=r"weight_staging='overlapped' "
+                               r"refused: .*model unchanged"):
+                await sync.update_from_tensors(states[1])
+        assert sync.version == v and sync.last_steps[-1] == "abort", sync.last_steps
+        assert await _greedy(engine) == ref[0] and not await engine.is_paused()
 
         # Overlapped staging through vLLM's own calls: between start and finish
         # the engine keeps generating (tokens of the old version), and its step
@@ -181,6 +196,7 @@ async def _run(model_a: str, model_b: str, monkeypatch) -> None:
         await engine.finish_weight_update()
         await asyncio.wait_for(task, 120)
         assert sync.version == v + 1
+        assert "commit" in sync.last_steps and sync.last_pause_seconds == 0.0
         first = token_versions(finals["req-50"].outputs[0])[0]
         assert first[0] == v and first[2] >= 8, first
         steps = (await engine.collective_rpc("rl_compat_step_times", args=(t_open,)))[0]

@@ -101,6 +101,13 @@ ENTRIES: tuple[Entry, ...] = (
     Entry("vllm.utils.gc_utils:freeze_gc_heap", "call", "the freeze vLLM's GPU worker does"),
     Entry("vllm.v1.engine.core:EngineCore._attach_weight_version", "wrap",
           "per-token weight version labels", ("self", "outputs")),
+    Entry("vllm.v1.engine.core:EngineCoreProc._process_engine_step", "wrap",
+          "commit an overlapped update at the next step boundary", ("self",)),
+    Entry("vllm.v1.engine.core:EngineCoreProc.has_work", "wrap",
+          "the busy loop keeps turning while a commit waits for staging", ("self",)),
+    Entry("vllm.v1.engine.core:EngineCoreProc._invoke_utility_method", "call",
+          "a utility returning a Future is answered when it is done (the commit)",
+          ("name", "get_result", "output", "enqueue_output")),
     # versioned prefix cache
     Entry("vllm.v1.engine.core:EngineCore.add_request", "wrap",
           "salt each request with the weight version", ("self", "request")),

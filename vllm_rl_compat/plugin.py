@@ -26,6 +26,7 @@ def register() -> None:
 def _register_once() -> None:
     from vllm_rl_compat import engine_settings, fp32_head, prefix_cache, seeded_sampling
     from vllm_rl_compat.weights import (
+        boundary_commit,
         gc_heap,
         http,
         kv_versions,
@@ -50,6 +51,7 @@ def _register_once() -> None:
     kv_versions_output.install()
     native.install()
     step_clock.install()
+    boundary_commit.install()
     gc_heap.install()
     http.install()
     openai_versions.install()

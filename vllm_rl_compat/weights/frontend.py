@@ -14,9 +14,10 @@ Usage (``AsyncLLM``)::
 
 Each update is one ``start_weight_update`` / ``update_weights`` /
 ``finish_weight_update`` round on the engine, i.e. the transaction
-(``weights.transaction``) every other caller of vLLM's RL API gets: pause in
-keep mode, validate into staging, apply, version, resume. These classes add
-only: checking tensors before they are written to shared memory, one lock per
+(``weights.transaction``) every other caller of vLLM's RL API gets: validate
+into staging, apply, version, in keep mode (overlapped on an ``AsyncLLM``:
+the same steps in one round trip, ``Transaction.update_once``). These
+classes add only: checking tensors before they are written to shared memory, one lock per
 object (updates from several threads or tasks are serialised), the
 trainer-broadcast connection, and ``version`` / ``last_apply`` /
 ``last_pause_seconds``. Front-end process.
@@ -34,10 +35,12 @@ from vllm_rl_compat.weights.broadcast import DEFAULT_TIMEOUT, engine_layout
 from vllm_rl_compat.weights.native import (
     abort_weight_update,
     abort_weight_update_async,
+    staging_options,
     transaction_of,
 )
 from vllm_rl_compat.weights.registry import BACKENDS
 from vllm_rl_compat.weights.shm import remove_shm, write_shm
+from vllm_rl_compat.weights.transaction import AsyncLLMPort, run_async
 from vllm_rl_compat.weights.spec import WeightSpec, as_named_tensors
 
 
@@ -231,10 +234,19 @@ class AsyncWeightSync(_Common):
             await self.engine.shutdown_weight_transfer_engine()
 
     async def _update(self, update_info: dict[str, Any]) -> int:
+        """vLLM's three calls; or, staged beside the live weights on an engine
+        that commits at a step boundary, the same transaction in one round
+        trip (``Transaction.update_once``): one engine step sooner, and two."""
         from vllm.distributed.weight_transfer.base import WeightTransferUpdateRequest
 
         async with self._lock:
             try:
+                staging = staging_options(self.engine.vllm_config)
+                port = AsyncLLMPort(self.engine)
+                if staging["staging"] != "in_pause" and await port.can_commit():
+                    await run_async(self._txn.update_once(staging, update_info, None,
+                                                          staging["allow_fast"]), port)
+                    return self.version
                 await self.engine.start_weight_update()
                 await self.engine.update_weights(WeightTransferUpdateRequest(update_info))
                 await self.engine.finish_weight_update()

@@ -23,10 +23,12 @@ routed here in RL mode, whichever backend carries the bytes:
 * finish: every worker checks its staging is complete (overlapped: and
   builds the packed state, polled; done already, without this step, when the
   last chunk completed the update on every worker); only then does any
-  worker apply (our
-  fast CPU apply, else vLLM's layerwise reload; overlapped: pause now and
-  swap pointers), the fp32 head, close the backend's update. Then the
-  version label is bumped and generation resumes.
+  worker apply (our fast CPU apply, else vLLM's layerwise reload;
+  overlapped: pause now and swap pointers), the fp32 head, close the
+  backend's update. Then the version label is bumped and generation
+  resumes. Overlapped on an ``AsyncLLM``: no pause; one engine-core call
+  (``weights.boundary_commit``) does the check, the swap and the label
+  between two engine steps.
 * Any failure before the apply: every worker drops its staging, the model
   is unchanged, generation resumes (overlapped: it never stopped) and the
   caller gets ``WeightUpdateError`` naming the problem. A failure during
@@ -53,7 +55,7 @@ from vllm_rl_compat.weights.versions import parse_version, version_start
 logger = logging.getLogger("vllm.rl_compat")
 
 WORKER_METHOD = "rl_compat_txn"
-Op = tuple  # ("rpc", step, info) | ("pause",) | ("is_paused",) | ("all", [op, ...]) | ...
+Op = tuple  # ("rpc", step, info) | ("pause",) | ("all", [op, ...]) | ("settled", [op, ...]) | ...
 Steps = Generator[Op, Any, Any]
 
 
@@ -75,6 +77,7 @@ class Transaction:
     started_at: float = 0.0
     paused_at: float | None = None
     overlapped: bool = False  # this update is staged beside the live weights
+    at_boundary: bool = False  # the engine core can commit it between two steps
     prepared: bool = False  # overlapped: every worker validated and prepared it
     steps: list[str] = field(default_factory=list)  # worker steps of the last update
     last_pause_seconds: float | None = None  # pause to resume (0.0: never paused)
@@ -105,18 +108,16 @@ class Transaction:
     def start(self, staging: dict[str, Any] | None = None) -> Steps:
         """``staging``: ``{"staging": auto|overlapped|in_pause, "max_gib",
         "allow_fast", "copy_plan"}`` (``native.staging_options``); ``None``: in the pause."""
-        self._require_closed("start_weight_update")
         staging = staging or {"staging": "in_pause"}
-        self.open_id, self.chunks, self.polls = proof.new_txn_id(), 0, 0
-        self.prepared, self.steps = False, []
-        self.started_at, self.paused_at, self.overlapped = time.perf_counter(), None, False
+        self._open("start_weight_update")
         try:
             # One engine-core round trip where the order does not matter: each
             # call made while the engine steps waits for the running step.
             start = self._rpc(self.open_id, "start", staging)
             early = staging["staging"] != "in_pause"  # no pause before the start
-            version, paused, *started = yield ("all", [("get_version",), ("is_paused",),
-                                                       *([start] if early else [])])
+            version, paused, self.at_boundary, *started = yield (
+                "all", [("get_version",), ("is_paused",), ("can_commit",),
+                        *([start] if early else [])])
             self._adopt(parse_version(version))
             may_pause = not paused
             if not early:
@@ -133,6 +134,34 @@ class Transaction:
             raise _rejected(exc) from exc
         self.may_pause = may_pause
 
+    def update_once(self, staging: dict[str, Any], update_info: Any,
+                    weight_version: str | None, allow_fast: bool) -> Steps:
+        """A whole one-chunk update in one engine-core round trip, for an engine
+        that commits at a step boundary (``AsyncWeightSync``; ``staging`` not
+        ``in_pause``): start, the chunk and the commit are sent together and the
+        commit waits in the engine core for the staging thread, so the new
+        weights go live at the first step boundary after staging. If a worker
+        stages in the pause after all (``auto``: the copy does not fit), the
+        chunk is read between two steps and the commit applies it there: the
+        pause's cost, without a pause. A failed step refuses the ones queued
+        behind it (``worker._admit``), so nothing is applied."""
+        self._open("start_weight_update")
+        self.at_boundary, self.chunks = True, 1
+        label = None if weight_version is None else str(weight_version)
+        ops = [("get_version",), ("is_paused",), self._rpc(self.open_id, "start", staging),
+               self._rpc(self.open_id, "update:1", update_info),
+               self._commit_op(label, allow_fast)]
+        version, _paused, started, updated, outcome = yield ("settled", ops)
+        if not isinstance(version, BaseException):
+            self._adopt(parse_version(version))
+        if not isinstance(started, BaseException):
+            self.overlapped = all(isinstance(r, dict) and r.get("overlapped") for r in started)
+        failed = next((r for r in (started, updated, outcome)
+                       if isinstance(r, BaseException)), None)
+        if failed is not None and not isinstance(outcome, dict):  # nothing applied
+            outcome = failed
+        return (yield from self._commit(outcome))
+
     def update(self, update_info: Any) -> Steps:
         self._require_open("update_weights")
         self.chunks += 1
@@ -146,6 +175,9 @@ class Transaction:
     def finish(self, weight_version: str | None, allow_fast: bool) -> Steps:
         """Check every worker, then apply; returns the new version."""
         self._require_open("finish_weight_update")
+        label = str(self.version + 1) if weight_version is None else str(weight_version)
+        if self.overlapped and self.at_boundary:
+            return (yield from self._commit(self._commit_op(label, allow_fast)))
         try:
             if not self.prepared:  # else every worker checked after the last chunk
                 yield self._rpc(self.open_id, "check")
@@ -160,12 +192,41 @@ class Transaction:
         except BaseException as exc:
             yield from self._close(abort=False)
             raise WeightSyncCorruptedError(f"applying a validated update failed: {exc}") from exc
-        label = str(self.version + 1) if weight_version is None else str(weight_version)
         self._adopt(parse_version(label), default=self.version + 1)
         try:
             yield ("set_version", label)
         finally:
             yield from self._close(abort=False)
+        return self.version
+
+    def _commit_op(self, label: str | None, allow_fast: bool) -> Op:
+        self.steps.append("commit")
+        txn = self.open_id
+        return ("commit", txn, proof.sign(txn, "commit"), label, str(self.version + 1),
+                allow_fast)
+
+    def _commit(self, op: Op | dict[str, Any] | BaseException) -> Steps:
+        """Overlapped, on an ``AsyncLLM``: one engine-core call applies the
+        update and relabels between two steps, no pause
+        (``weights.boundary_commit``); it first waits for staging if needed.
+        ``op``: the call, or its outcome when it was sent already."""
+        try:
+            if isinstance(op, BaseException):
+                raise op
+            outcome = op if isinstance(op, dict) else (yield op)
+        except BaseException as exc:
+            yield from self._close(abort=True)
+            raise _rejected(exc) from exc
+        self.steps.extend(outcome["steps"])
+        if outcome.get("failed") == "staging":
+            yield from self._close(abort=True)
+            raise _rejected(RuntimeError(outcome["error"]))
+        yield from self._close(abort=False)
+        if outcome.get("failed") == "apply":
+            raise WeightSyncCorruptedError(
+                f"applying a validated update failed: {outcome['error']}")
+        self.last_apply = outcome["applied"]
+        self._adopt(parse_version(outcome["label"]), default=self.version + 1)
         return self.version
 
     def abort(self) -> Steps:
@@ -174,6 +235,12 @@ class Transaction:
         yield from self._close(abort=True)
 
     # ----------------------------------------------------------- helpers
+    def _open(self, call: str) -> None:
+        self._require_closed(call)
+        self.open_id, self.chunks, self.polls = proof.new_txn_id(), 0, 0
+        self.prepared, self.steps = False, []
+        self.started_at, self.paused_at, self.overlapped = time.perf_counter(), None, False
+
     def _pause(self) -> Steps:
         yield ("pause",)
         self.paused_by_us, self.paused_at = True, time.perf_counter()
@@ -252,6 +319,9 @@ def run(steps: Steps, port: Any) -> Any:
         except StopIteration as stop:
             return stop.value
         try:
+            if op[0] == "settled":
+                result, error = [_settled(port, o) for o in op[1]], None
+                continue
             ops = op[1] if op[0] == "all" else [op]
             results = [getattr(port, o[0])(*o[1:]) for o in ops]
             result, error = results if op[0] == "all" else results[0], None
@@ -278,7 +348,8 @@ async def run_async(steps: Steps, port: Any) -> Any:
             if cancelled:
                 raise asyncio.CancelledError()
             return stop.value
-        future = asyncio.ensure_future(_all(port, op[1]) if op[0] == "all"
+        future = asyncio.ensure_future(_all(port, op[1], op[0] == "settled")
+                                       if op[0] in ("all", "settled")
                                        else getattr(port, op[0])(*op[1:]))
         while True:
             try:
@@ -293,15 +364,23 @@ async def run_async(steps: Steps, port: Any) -> Any:
                 break
 
 
-async def _all(port: Any, ops: list[Op]) -> list[Any]:
-    """``ops`` at once (``("all", ops)``); every one ends before the first
-    error, if any, is raised (nothing is left running behind the steps)."""
+async def _all(port: Any, ops: list[Op], settled: bool = False) -> list[Any]:
+    """``ops`` at once, sent in order (``("all", ops)``); every one ends before
+    the first error, if any, is raised (nothing is left running behind the
+    steps). ``settled``: errors are returned in place of results instead."""
     results = await asyncio.gather(*(getattr(port, o[0])(*o[1:]) for o in ops),
                                    return_exceptions=True)
     for result in results:
-        if isinstance(result, BaseException):
+        if isinstance(result, BaseException) and not settled:
             raise result
     return results
+
+
+def _settled(port: Any, op: Op) -> Any:
+    try:
+        return getattr(port, op[0])(*op[1:])
+    except Exception as exc:  # noqa: BLE001 - returned in place (``("settled", ops)``)
+        return exc
 
 
 class LLMPort:
@@ -321,6 +400,9 @@ class LLMPort:
 
     def is_paused(self) -> bool:
         return False  # the offline LLM has no user-level pause
+
+    def can_commit(self) -> bool:
+        return False  # it steps only inside generate calls: the pause costs nothing
 
     def sleep(self, seconds: float) -> None:
         time.sleep(seconds)
@@ -349,6 +431,19 @@ class AsyncLLMPort:
 
     async def is_paused(self) -> bool:
         return await self.engine.is_paused()
+
+    async def can_commit(self) -> bool:
+        """One engine core (no data parallelism), reached by utility calls."""
+        parallel = self.engine.vllm_config.parallel_config
+        return parallel.data_parallel_size == 1 and hasattr(
+            getattr(self.engine, "engine_core", None), "call_utility_async")
+
+    async def commit(self, txn: str, signed: str, label: str | None, default: str,
+                     allow_fast: bool) -> Any:
+        from vllm_rl_compat.weights.boundary_commit import METHOD
+
+        return await self.engine.engine_core.call_utility_async(
+            METHOD, txn, signed, label, default, allow_fast)
 
     async def sleep(self, seconds: float) -> None:
         await asyncio.sleep(seconds)
