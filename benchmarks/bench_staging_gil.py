@@ -17,6 +17,9 @@ staging thread placed exactly like the product's
   each copy (vLLM's ``load_weights`` spends about 0.6 ms of Python per
   tensor on SmolLM2 around its copies);
 * ``Python only``: pure Python, the upper bound;
+* ``copies from DRAM``: 1 MiB ``copy_`` calls walking through a 256 MiB source
+  into a 256 MiB destination (a real update's bytes do not fit in a cache: this
+  one competes with the step for memory bandwidth, not only for the GIL);
 
 each also at 0.5 and 0.1 ms switch intervals (``sys.setswitchinterval``; default
 5 ms). Reported: the engine loop's median step, its ratio to alone, and how
@@ -45,6 +48,7 @@ import machine  # noqa: E402  (benchmarks/machine.py: the results-file header)
 
 HIDDEN, INTER, LAYERS, TOKENS = 576, 1536, 30, 32  # SmolLM2-135M, a decode batch
 CHUNK = 1 << 19  # bf16 elements: 1 MiB
+DRAM_BYTES = 256 << 20  # the size of SmolLM2-135M's weights in bf16
 
 
 class DecodeLoop:
@@ -92,16 +96,19 @@ class Staging:
         from vllm_rl_compat.weights.staging import _staging_thread_setup
 
         _staging_thread_setup(self.compute)
-        src = torch.randn(CHUNK, dtype=torch.bfloat16)
+        slices = DRAM_BYTES // (2 * CHUNK) if self.kind == "copies from DRAM" else 1
+        src = torch.randn(slices * CHUNK, dtype=torch.bfloat16)
         dst = torch.empty_like(src)
+        i = 0
         while not self.stop.is_set():
             if self.kind == "Python only":
                 _python(1.0)
                 continue
             if self.kind == "copies + Python":
                 _python(self.python_ms)
-            dst.copy_(src)
-            self.moved += 1
+            at = (i % slices) * CHUNK
+            dst[at:at + CHUNK].copy_(src[at:at + CHUNK])
+            self.moved, i = self.moved + 1, i + 1
 
     def __enter__(self) -> "Staging":
         self.previous = sys.getswitchinterval()
@@ -133,7 +140,7 @@ def main() -> None:
     loop = DecodeLoop()
     loop.median_ms(2)  # warm-up
     configs = [(kind, switch_s) for kind in ("copies", "copies + Python", "Python only")
-               for switch_s in (0.005, 0.0005, 0.0001)]
+               for switch_s in (0.005, 0.0005, 0.0001)] + [("copies from DRAM", 0.0001)]
     measured: dict[tuple[str, float], list[tuple[float, float, float]]] = {}
     for _ in range(args.rounds):  # rounds interleave the configurations: drift hits all
         for kind, switch_s in configs:
