@@ -296,8 +296,10 @@ class StagingJob:
     switch interval (5 ms by default) whenever staging runs Python (vLLM's
     ``load_weights`` spends about 0.6 ms of it per tensor). While a job runs
     the interval is ``SWITCH_INTERVAL_S``: beside a loader-shaped load a
-    decode-shaped step ran 2.04x its time at 5 ms and 1.25x at 0.1 ms, the
-    staging throughput unchanged (``benchmarks/results/staging_gil_avx2.md``).
+    decode-shaped step ran 1.73x its time at 5 ms, 1.23x at 0.1 ms and 1.15x
+    at 0.02 ms, the staging throughput unchanged; copies alone, even of 256 MiB
+    from DRAM, cost it nothing measurable
+    (``benchmarks/results/staging_gil_avx2.md``).
     """
 
     def __init__(self) -> None:
@@ -349,7 +351,7 @@ class StagingJob:
 
 
 STAGING_NICE = 10
-SWITCH_INTERVAL_S = 1e-4  # the GIL switch interval while staging work runs
+SWITCH_INTERVAL_S = 2e-5  # the GIL switch interval while staging work runs
 
 
 def _compute_cpus() -> set[int]:
