@@ -210,3 +210,48 @@ async def _run(model_a: str, model_b: str, monkeypatch) -> None:
 def test_async_streaming_across_updates(tiny_model, monkeypatch):
     asyncio.run(_run(tiny_model("llama-untied", 0), tiny_model("llama-untied", 1),
                      monkeypatch))
+
+
+async def _tp2(model_a: str, model_b: str) -> None:
+    """TP = 2: the engine core commits on both ranks between two steps."""
+    from vllm import SamplingParams
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    engine = AsyncLLM.from_engine_args(AsyncEngineArgs(
+        model=model_a, dtype="bfloat16", max_model_len=512, seed=0, enforce_eager=True,
+        tensor_parallel_size=2))
+    try:
+        sync = await AsyncWeightSync.create(engine)
+        assert sync.num_workers == 2
+        fresh_a = await _greedy(engine)
+        params = SamplingParams(max_tokens=200, ignore_eos=True, temperature=1.0)
+        seen: list[int] = []
+
+        async def consume():
+            async for out in engine.generate("across the commit:", params, "tp2-stream"):
+                seen.append(len(out.outputs[0].token_ids))
+            return out
+
+        task = asyncio.create_task(consume())
+        while not seen or seen[-1] < 4:
+            await asyncio.sleep(0.005)
+        assert await sync.update_from_files(model_b) == 1
+        out = await asyncio.wait_for(task, 120)
+        spans = token_versions(out.outputs[0])
+        assert [v for v, _, _ in spans] == [0, 1] and spans[0][2] >= 4, spans
+        assert sync.last_steps[:3] == ["start", "update:1", "commit"], sync.last_steps
+        assert sync.last_pause_seconds == 0.0
+        assert [r["overlapped"] for r in sync.last_apply] == [True, True]
+        assert await _greedy(engine) != fresh_a
+        await sync.update_from_files(model_a)
+        assert await _greedy(engine) == fresh_a  # exact round trip on both ranks
+    finally:
+        engine.shutdown()
+
+
+@pytest.mark.engine
+@pytest.mark.tp2
+def test_async_tp2_commits_between_steps(tiny_model, monkeypatch):
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0|1")
+    asyncio.run(_tp2(tiny_model("llama-untied", 0), tiny_model("llama-untied", 1)))
