@@ -20,6 +20,9 @@ staging thread placed exactly like the product's
 * ``copies from DRAM``: 1 MiB ``copy_`` calls walking through a 256 MiB source
   into a 256 MiB destination (a real update's bytes do not fit in a cache: this
   one competes with the step for memory bandwidth, not only for the GIL);
+* ``copies into fresh pages``: the same, into a destination allocated anew
+  for every pass and freed after it, as a staging shadow is (first-touch page
+  faults, then the unmapping of 256 MiB, in the kernel, beside the step);
 
 each also at 0.5, 0.1 and 0.02 ms switch intervals (``sys.setswitchinterval``; default
 5 ms). Reported: the engine loop's median step, its ratio to alone, and how
@@ -96,11 +99,14 @@ class Staging:
         from vllm_rl_compat.weights.staging import _staging_thread_setup
 
         _staging_thread_setup(self.compute)
-        slices = DRAM_BYTES // (2 * CHUNK) if self.kind == "copies from DRAM" else 1
+        slices = DRAM_BYTES // (2 * CHUNK) if self.kind.startswith("copies ") else 1
         src = torch.randn(slices * CHUNK, dtype=torch.bfloat16)
         dst = torch.empty_like(src)
         i = 0
         while not self.stop.is_set():
+            if self.kind == "copies into fresh pages" and i % slices == 0:
+                dst = None  # the previous pass's pages are unmapped here
+                dst = torch.empty_like(src)
             if self.kind == "Python only":
                 _python(1.0)
                 continue
@@ -141,7 +147,7 @@ def main() -> None:
     loop.median_ms(2)  # warm-up
     configs = [(kind, switch_s) for kind in ("copies", "copies + Python", "Python only")
                for switch_s in (0.005, 0.0005, 0.0001, 0.00002)] + [
-                   ("copies from DRAM", 0.0001)]
+                   ("copies from DRAM", 0.0001), ("copies into fresh pages", 0.0001)]
     measured: dict[tuple[str, float], list[tuple[float, float, float]]] = {}
     for _ in range(args.rounds):  # rounds interleave the configurations: drift hits all
         for kind, switch_s in configs:
