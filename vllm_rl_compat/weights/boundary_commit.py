@@ -105,10 +105,10 @@ def _advance(core: Any) -> None:
         return
     try:
         applied = _step(core, commit, "finish", commit.allow_fast)
-    except Exception as exc:  # noqa: BLE001
+        core.set_weight_version(commit.label)  # same gap: no step saw them unlabelled
+    except Exception as exc:  # noqa: BLE001 - never out of the engine core's loop
         _end(core, commit, {"failed": "apply", "error": str(exc)})
         return
-    core.set_weight_version(commit.label)  # same gap: no step saw new weights unlabelled
     _end(core, commit, {"applied": applied, "label": commit.label})
 
 
