@@ -99,7 +99,8 @@ class Staging:
         from vllm_rl_compat.weights.staging import _staging_thread_setup
 
         _staging_thread_setup(self.compute)
-        slices = DRAM_BYTES // (2 * CHUNK) if self.kind.startswith("copies ") else 1
+        big = self.kind in ("copies from DRAM", "copies into fresh pages")
+        slices = DRAM_BYTES // (2 * CHUNK) if big else 1
         src = torch.randn(slices * CHUNK, dtype=torch.bfloat16)
         dst = torch.empty_like(src)
         i = 0
