@@ -1,5 +1,5 @@
 """Overlapped staging: build the next weights beside the live ones while the
-engine keeps stepping, then swap them in at the pause (worker process).
+engine keeps stepping, then swap them in between two steps (worker process).
 
 Why: the in-pause path (``weights.apply_cpu``) stops generation for the whole
 update -- receiving, validating, loading and, on CPU, re-packing every Linear
@@ -28,7 +28,8 @@ How, without touching anything the running model reads:
   partly filled layers, linears vLLM kept unpacked, embedding heads (a tied
   head shares one handle), and a tied fp32 head's shadow (``fp32_head``)
   which the shadow embedding's loader fills.
-* ``swap`` (engine thread, at the pause): per module, each live parameter
+* ``swap`` (engine thread, between two steps: in a pause, or in the engine
+  core's commit, ``weights.boundary_commit``): per module, each live parameter
   takes its shadow's storage (``param.data = ...``: identity, ties and
   every reference kept) and the attributes processing rebuilt
   (``cpu_linear``, the fp32 head shadow) are re-pointed. O(modules), no byte
@@ -131,7 +132,7 @@ class StagedWeights:
         self.prepared = True
 
     def swap(self) -> int:
-        """Install the staged state in the live model (engine thread, paused).
+        """Install the staged state in the live model (engine thread, between steps).
 
         Returns the number of modules changed. Only pointers move.
         """
