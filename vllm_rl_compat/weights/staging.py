@@ -297,9 +297,10 @@ class StagingJob:
     switch interval (5 ms by default) whenever staging runs Python (vLLM's
     ``load_weights`` spends about 0.6 ms of it per tensor). While a job runs
     the interval is ``SWITCH_INTERVAL_S``: beside a loader-shaped load a
-    decode-shaped step ran 1.73x its time at 5 ms, 1.23x at 0.1 ms and 1.15x
-    at 0.02 ms, the staging throughput unchanged; copies alone, even of 256 MiB
-    from DRAM, cost it nothing measurable
+    decode-shaped step ran 1.87x its time at 5 ms, 1.20x at 0.1 ms and 1.18x
+    at 0.02 ms (beside pure Python: 7.74x, 1.31x, 1.19x), the staging
+    throughput unchanged; copies alone, even of 256 MiB from DRAM or into
+    fresh pages, cost it nothing measurable
     (``benchmarks/results/staging_gil_avx2.md``).
     """
 
