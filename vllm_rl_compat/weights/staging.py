@@ -297,11 +297,14 @@ class StagingJob:
     switch interval (5 ms by default) whenever staging runs Python (vLLM's
     ``load_weights`` spends about 0.6 ms of it per tensor). While a job runs
     the interval is ``SWITCH_INTERVAL_S``: beside a loader-shaped load a
-    decode-shaped step ran 1.87x its time at 5 ms, 1.20x at 0.1 ms and 1.18x
-    at 0.02 ms (beside pure Python: 7.74x, 1.31x, 1.19x), the staging
-    throughput unchanged; copies alone, even of 256 MiB from DRAM or into
-    fresh pages, cost it nothing measurable
-    (``benchmarks/results/staging_gil_avx2.md``).
+    decode-shaped step ran 1.87x its time at 5 ms and 1.20x at 0.1 ms, the
+    staging throughput unchanged; copies alone, even of 256 MiB from DRAM or
+    into fresh pages, cost it nothing measurable
+    (``benchmarks/results/staging_gil_avx2.md``). 0.02 ms did a little better
+    there (1.18x; beside pure Python 1.19x against 1.31x), but in the engine
+    (``bench_weight_sync.py``, two runs) overlapped stalls were 2-3x those of
+    the 0.1 ms run before, on a noisier machine: not shown to help where
+    vLLM's own Python runs between the ops, so 0.1 ms stays.
     """
 
     def __init__(self) -> None:
@@ -353,7 +356,7 @@ class StagingJob:
 
 
 STAGING_NICE = 10
-SWITCH_INTERVAL_S = 2e-5  # the GIL switch interval while staging work runs
+SWITCH_INTERVAL_S = 1e-4  # the GIL switch interval while staging work runs
 
 
 def _compute_cpus() -> set[int]:
