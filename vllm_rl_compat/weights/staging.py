@@ -297,14 +297,12 @@ class StagingJob:
     switch interval (5 ms by default) whenever staging runs Python (vLLM's
     ``load_weights`` spends about 0.6 ms of it per tensor). While a job runs
     the interval is ``SWITCH_INTERVAL_S``: beside a loader-shaped load a
-    decode-shaped step ran 1.87x its time at 5 ms and 1.20x at 0.1 ms, the
-    staging throughput unchanged; copies alone, even of 256 MiB from DRAM or
-    into fresh pages, cost it nothing measurable
-    (``benchmarks/results/staging_gil_avx2.md``). 0.02 ms did a little better
-    there (1.18x; beside pure Python 1.19x against 1.31x), but in the engine
-    (``bench_weight_sync.py``, two runs) overlapped stalls were 2-3x those of
-    the 0.1 ms run before, on a noisier machine: not shown to help where
-    vLLM's own Python runs between the ops, so 0.1 ms stays.
+    decode-shaped step ran 1.62x its time at 5 ms, 1.46x at 0.1 ms and 1.00x
+    at 0.02 ms (beside pure Python: 7.58x, 1.29x, 1.06x), the staging
+    throughput unchanged (``benchmarks/results/staging_gil_avx2.md``; its
+    earlier runs, in its history: 1.23x / 1.20x at 0.1 ms against 1.15x /
+    1.18x at 0.02 ms). Copies alone, even of 256 MiB from DRAM or into fresh
+    pages, cost the step little or nothing there.
     """
 
     def __init__(self) -> None:
@@ -356,7 +354,7 @@ class StagingJob:
 
 
 STAGING_NICE = 10
-SWITCH_INTERVAL_S = 1e-4  # the GIL switch interval while staging work runs
+SWITCH_INTERVAL_S = 2e-5  # the GIL switch interval while staging work runs
 
 
 def _compute_cpus() -> set[int]:
