@@ -182,6 +182,14 @@ async def _run(model_a: str, model_b: str, monkeypatch) -> None:
                 await sync.update_from_tensors(states[1])
         assert sync.version == v and sync.last_steps[-1] == "abort", sync.last_steps
         assert await _greedy(engine) == ref[0] and not await engine.is_paused()
+        # ``auto`` where the copy does not fit: staged in the pause's way (the
+        # chunk read in the RPC), applied by the same commit, still no pause.
+        with monkeypatch.context() as mp:
+            mp.setenv("VLLM_RL_COMPAT_WEIGHT_STAGING_MAX_GIB", "0.0001")
+            assert await sync.update_from_tensors(states[1]) == v + 1
+        assert [r["overlapped"] for r in sync.last_apply] == [False]
+        assert "commit" in sync.last_steps and sync.last_pause_seconds == 0.0
+        assert await _greedy(engine) == ref[1]
 
         # Overlapped staging through vLLM's own calls: between start and finish
         # the engine keeps generating (tokens of the old version), and its step
