@@ -59,6 +59,9 @@ Op = tuple  # ("rpc", step, info) | ("pause",) | ("all", [op, ...]) | ("settled"
 Steps = Generator[Op, Any, Any]
 
 
+DELIVERY_SECONDS = 0.02  # what vLLM's pause_generation waits for in-flight outputs
+
+
 class TransactionStateError(RuntimeError):
     """A call out of order (a second start, an update without a start)."""
 
@@ -227,6 +230,10 @@ class Transaction:
                 f"applying a validated update failed: {outcome['error']}")
         self.last_apply = outcome["applied"]
         self._adopt(parse_version(outcome["label"]), default=self.version + 1)
+        # The reply can overtake outputs of the steps before the commit inside
+        # the front end; give them time to reach their streams first, as
+        # ``AsyncLLM.pause_generation`` does (the engine keeps stepping).
+        yield ("sleep", DELIVERY_SECONDS)
         return self.version
 
     def abort(self) -> Steps:
