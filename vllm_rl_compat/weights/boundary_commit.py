@@ -16,7 +16,7 @@ counts as having work (``has_work``), so its loop keeps turning even with no
 request to step (idle, or paused by the caller: then it tries every 2 ms)
 and still takes new requests and calls meanwhile.
 
-Outcome (the call's result): ``{"applied": [per worker], "steps": [...]}``;
+Outcome (the call's result): ``{"applied": [per worker], "label": ..., "steps": [...]}``;
 ``{"failed": "staging", ...}`` when staging failed (the front end aborts:
 live weights untouched, label unchanged); ``{"failed": "apply", ...}`` when
 applying failed (``WeightSyncCorruptedError`` in the front end).

@@ -317,7 +317,8 @@ def _rejected(exc: BaseException) -> BaseException:
 
 # -------------------------------------------------------------- drivers
 def run(steps: Steps, port: Any) -> Any:
-    """Execute ``steps`` on a synchronous port (``LLMPort``)."""
+    """Execute ``steps`` on a synchronous port (``LLMPort``; no ``("settled", ...)``:
+    only ``update_once`` sends it, on an ``AsyncLLM``)."""
     result: Any = None
     error: BaseException | None = None
     while True:
@@ -326,9 +327,6 @@ def run(steps: Steps, port: Any) -> Any:
         except StopIteration as stop:
             return stop.value
         try:
-            if op[0] == "settled":
-                result, error = [_settled(port, o) for o in op[1]], None
-                continue
             ops = op[1] if op[0] == "all" else [op]
             results = [getattr(port, o[0])(*o[1:]) for o in ops]
             result, error = results if op[0] == "all" else results[0], None
@@ -381,13 +379,6 @@ async def _all(port: Any, ops: list[Op], settled: bool = False) -> list[Any]:
         if isinstance(result, BaseException) and not settled:
             raise result
     return results
-
-
-def _settled(port: Any, op: Op) -> Any:
-    try:
-        return getattr(port, op[0])(*op[1:])
-    except Exception as exc:  # noqa: BLE001 - returned in place (``("settled", ops)``)
-        return exc
 
 
 class LLMPort:
