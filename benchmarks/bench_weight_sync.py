@@ -17,7 +17,11 @@ quiet window of ``--quiet`` seconds, and reports medians of:
   updates so far: what the update cost the engine; beside it the same
   measure of the quiet window alone (noise). Two kinds, because the load
   replaces each finished request at once and a step that prefills one runs
-  about a quarter longer by itself, update or not;
+  about a quarter longer by itself, update or not. Split into the wait
+  before the step and the step's run, and the run into the engine thread's
+  time on the CPU (work beside it competing for the core, caches or memory;
+  on a VM also time the host took the vCPU away) and off it (blocked: a
+  staging thread holding the GIL), with how often it blocked;
 * pause-to-resume (the front end's pause, ``last_pause_seconds``; 0: never
   paused);
 * end-to-end: the update call to its return, new version live (tensors:
@@ -188,12 +192,17 @@ class Stall:
     (decode only, or prefilling new requests) outside updates, split into the
     two parts of that gap -- the wait before the step (engine core, front
     end, the pause) and the step's own run (the worker's model, slowed by
-    work beside it) -- each minus its own median; and the same measure over
-    the quiet window before the update alone (the noise floor)."""
+    work beside it), the run split again into the engine thread's time on
+    the CPU and off it (blocked: the GIL), with how often it blocked -- each
+    minus its own median; and the same measure over the quiet window before
+    the update alone (the noise floor)."""
 
     stall: float
     wait: float
     run: float
+    on_cpu: float
+    off_cpu: float
+    blocked: float
     step: float
     noise: float
     gaps: list[float]
@@ -201,7 +210,8 @@ class Stall:
     new: list[int]  # new requests each of those steps scheduled
 
 
-Row = tuple[float, float, float, int]  # previous step's end, start, end, new requests
+# previous step's end, start, end, new requests, engine thread CPU s, times blocked
+Row = tuple[float, float, float, int, float, int]
 
 
 def _gap(r: Row) -> float:
@@ -216,6 +226,18 @@ def _run(r: Row) -> float:
     return r[2] - r[1]
 
 
+def _on_cpu(r: Row) -> float:
+    return r[4]
+
+
+def _off_cpu(r: Row) -> float:
+    return _run(r) - r[4]
+
+
+def _blocked(r: Row) -> float:
+    return r[5]
+
+
 def stall(spans: list[list[float]], quiet: tuple[float, float], window: tuple[float, float],
           after: float, history: list[Row]) -> Stall:
     """``spans``: the step clock since the start of ``quiet``; ``window``: the
@@ -223,7 +245,7 @@ def stall(spans: list[list[float]], quiet: tuple[float, float], window: tuple[fl
     window's to ``history`` (every update's so far), which gives the medians.
     Each step is compared with steps of its own kind: one that prefills new
     requests (the load replaces finished ones) is slower by itself."""
-    rows: list[Row] = [(a[1], b[0], b[1], b[2]) for a, b in zip(spans, spans[1:])]
+    rows: list[Row] = [(a[1], b[0], b[1], b[2], b[3], b[4]) for a, b in zip(spans, spans[1:])]
     quiet_rows = [r for r in rows if quiet[0] <= r[0] and r[2] <= quiet[1]]
     history += quiet_rows + [r for r in rows if window[1] <= r[0] and r[2] <= window[1] + after]
 
@@ -235,9 +257,10 @@ def stall(spans: list[list[float]], quiet: tuple[float, float], window: tuple[fl
     during = [r for r in rows if r[2] >= window[0] and r[0] <= window[1]]
     worst = max(during, key=lambda r: excess(r, _gap), default=None)
     decode = statistics.median([_gap(h) for h in history if not h[3]] or [0.0])
-    return Stall(stall=excess(worst, _gap) if worst else 0.0,
-                 wait=excess(worst, _wait) if worst else 0.0,
-                 run=excess(worst, _run) if worst else 0.0, step=decode,
+    parts = {name: excess(worst, part) if worst else 0.0 for name, part in (
+        ("stall", _gap), ("wait", _wait), ("run", _run), ("on_cpu", _on_cpu),
+        ("off_cpu", _off_cpu), ("blocked", _blocked))}
+    return Stall(**parts, step=decode,
                  noise=max((excess(r, _gap) for r in quiet_rows), default=0.0),
                  gaps=[_gap(r) for r in during], runs=[_run(r) for r in during],
                  new=[r[3] for r in during])
@@ -270,7 +293,8 @@ async def one_update(sync, engine, load: Load, source: str, mode: str, model: st
     cost = stall(spans, (quiet0, t0), (t0, t1), args.quiet, history)
     print("  gaps ms:", [round(g * 1e3) for g in cost.gaps], "of which runs:",
           [round(r * 1e3) for r in cost.runs], "new requests:", cost.new, flush=True)
-    return {"stall": cost.stall, "wait": cost.wait, "run": cost.run, "step": cost.step,
+    return {"stall": cost.stall, "wait": cost.wait, "run": cost.run, "on_cpu": cost.on_cpu,
+            "off_cpu": cost.off_cpu, "blocked": cost.blocked, "step": cost.step,
             "noise": cost.noise, "pause": sync.last_pause_seconds,
             "e2e": t1 - t0, "tps_update": load.tok_per_s(t0, t1),
             "tps_quiet": load.tok_per_s(t0 - (t1 - t0), t0) if t1 - t0 < args.quiet
@@ -408,6 +432,8 @@ def main() -> None:
         table.append(
             f"| {source} | {mode} | {stall_s * 1e3:.0f} ({stall_s / copy_s:.1f}x) | "
             f"{med(rs, 'wait') * 1e3:.0f} / {med(rs, 'run') * 1e3:.0f} | "
+            f"{med(rs, 'on_cpu') * 1e3:.0f} / {med(rs, 'off_cpu') * 1e3:.0f} "
+            f"({med(rs, 'blocked'):.0f}) | "
             f"{med(rs, 'noise') * 1e3:.0f} | {pause * 1e3:.0f} ({pause / copy_s:.1f}x) | "
             f"{e2e * 1e3:.0f} ({e2e / copy_s:.1f}x, {e2e / med(rs, 'step'):.1f} steps) | "
             f"{med(rs, 'tps_update'):.0f} / {med(rs, 'tps_quiet'):.0f} | "
@@ -426,6 +452,9 @@ def main() -> None:
              f"wait / run = the parts "
              f"of that longest gap: the wait before the step (engine core, front end, "
              f"pause) and the step's own run in the worker, each minus its median; "
+             f"run on / off CPU (blocked) = that run's engine-thread time on the CPU and "
+             f"off it, and how many more times than usual the thread blocked (waiting "
+             f"for the GIL, mostly), each minus its median; "
              f"noise = the stall measure over the quiet window before (no update); "
              f"pause-to-resume 0 = never paused (overlapped: the engine core commits "
              f"between two steps); "
@@ -435,7 +464,8 @@ def main() -> None:
              + (f"front end, engine core and trainer pinned to CPU(s) {sorted(args.spare)}, "
                 f"off the worker's compute CPU(s) (`--pin`)." if args.spare else
                 "front end, engine core and trainer not pinned (`--no-pin`)."), "",
-             *machine.table(["source", "staging", "stall ms (x)", "wait / run ms", "noise ms",
+             *machine.table(["source", "staging", "stall ms (x)", "wait / run ms",
+                             "run on / off CPU ms (blocked)", "noise ms",
                              "pause-to-resume ms (x)", "end-to-end ms (x, decode steps)",
                              "decode tok/s during / quiet", "peak extra MiB (max)",
                              "staging thread loading ms"], table)]

@@ -208,7 +208,8 @@ async def _run(model_a: str, model_b: str, monkeypatch) -> None:
         first = token_versions(finals["req-50"].outputs[0])[0]
         assert first[0] == v and first[2] >= 8, first
         steps = (await engine.collective_rpc("rl_compat_step_times", args=(t_open,)))[0]
-        assert sum(end < t_finish for _, end, _ in steps) >= 8  # stepped while staging
+        assert sum(span[1] < t_finish for span in steps) >= 8  # stepped while staging
+        assert all(0 < cpu <= end - start + 1e-3 for start, end, _, cpu, _ in steps)
         assert await _greedy(engine) == ref[1]  # A's weights, as a fresh load gives
     finally:
         engine.shutdown()

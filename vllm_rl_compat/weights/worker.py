@@ -39,7 +39,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from typing import Any, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Iterable, Iterator
+
+if TYPE_CHECKING:
+    from vllm_rl_compat.weights.step_clock import Span
 
 logger = logging.getLogger("vllm.rl_compat")
 
@@ -55,8 +58,9 @@ class WeightSyncExtension:
         """``{checkpoint name: (shape, dtype)}`` an update must provide exactly."""
         return _spec(self).as_dict()
 
-    def rl_compat_step_times(self, since: float = 0.0) -> list[tuple[float, float, int]]:
-        """``(start, end, new requests)`` of recent engine steps (``weights.step_clock``)."""
+    def rl_compat_step_times(self, since: float = 0.0) -> list[Span]:
+        """``(start, end, new requests, CPU seconds, blocked)`` of recent engine
+        steps (``weights.step_clock``)."""
         from vllm_rl_compat.weights.step_clock import step_spans
 
         return step_spans(since)
