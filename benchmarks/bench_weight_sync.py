@@ -193,16 +193,19 @@ class Stall:
     two parts of that gap -- the wait before the step (engine core, front
     end, the pause) and the step's own run (the worker's model, slowed by
     work beside it), the run split again into the engine thread's time on
-    the CPU and off it (blocked: the GIL), with how often it blocked -- each
-    minus its own median; and the same measure over the quiet window before
-    the update alone (the noise floor)."""
+    the CPU and off it (blocked: the GIL) -- each minus its own median; the
+    off-CPU time and blocking beyond their medians summed over every step of
+    the update (what staging's GIL cost, whichever step was the worst); and
+    the stall measure over the quiet window before the update alone (the
+    noise floor)."""
 
     stall: float
     wait: float
     run: float
     on_cpu: float
     off_cpu: float
-    blocked: float
+    off_total: float  # off-CPU excess summed over every step of the update
+    blocked: float  # times blocked beyond the median, summed likewise
     step: float
     noise: float
     gaps: list[float]
@@ -259,11 +262,27 @@ def stall(spans: list[list[float]], quiet: tuple[float, float], window: tuple[fl
     decode = statistics.median([_gap(h) for h in history if not h[3]] or [0.0])
     parts = {name: excess(worst, part) if worst else 0.0 for name, part in (
         ("stall", _gap), ("wait", _wait), ("run", _run), ("on_cpu", _on_cpu),
-        ("off_cpu", _off_cpu), ("blocked", _blocked))}
-    return Stall(**parts, step=decode,
+        ("off_cpu", _off_cpu))}
+    return Stall(**parts, step=decode, off_total=sum(excess(r, _off_cpu) for r in during),
+                 blocked=sum(excess(r, _blocked) for r in during),
                  noise=max((excess(r, _gap) for r in quiet_rows), default=0.0),
                  gaps=[_gap(r) for r in during], runs=[_run(r) for r in during],
                  new=[r[3] for r in during])
+
+
+def quiet_spread(history: list[Row], after: float) -> str:
+    """How much decode steps outside updates vary: the floor under any stall."""
+    decode = [r for r in history if not r[3]]
+    if len(decode) < 2:
+        return "Too few decode steps outside updates to tell their spread."
+    excess = sorted(_gap(r) - statistics.median(map(_gap, decode)) for r in decode)
+    off = sorted(_off_cpu(r) - statistics.median(map(_off_cpu, decode)) for r in decode)
+    p90 = lambda xs: xs[min(len(xs) - 1, int(0.9 * len(xs)))]  # noqa: E731
+    return (f"Decode steps outside updates ({len(decode)}: the quiet windows and the "
+            f"{after:.0f} s after each update), excess over their median gap: 90th "
+            f"percentile {p90(excess) * 1e3:.0f} ms, largest {excess[-1] * 1e3:.0f} ms; "
+            f"of their run off the CPU: 90th percentile {p90(off) * 1e3:.0f} ms, largest "
+            f"{off[-1] * 1e3:.0f} ms. A stall below these cannot be told from a quiet step.")
 
 
 async def one_update(sync, engine, load: Load, source: str, mode: str, model: str,
@@ -294,7 +313,8 @@ async def one_update(sync, engine, load: Load, source: str, mode: str, model: st
     print("  gaps ms:", [round(g * 1e3) for g in cost.gaps], "of which runs:",
           [round(r * 1e3) for r in cost.runs], "new requests:", cost.new, flush=True)
     return {"stall": cost.stall, "wait": cost.wait, "run": cost.run, "on_cpu": cost.on_cpu,
-            "off_cpu": cost.off_cpu, "blocked": cost.blocked, "step": cost.step,
+            "off_cpu": cost.off_cpu, "off_total": cost.off_total, "blocked": cost.blocked,
+            "step": cost.step,
             "noise": cost.noise, "pause": sync.last_pause_seconds,
             "e2e": t1 - t0, "tps_update": load.tok_per_s(t0, t1),
             "tps_quiet": load.tok_per_s(t0 - (t1 - t0), t0) if t1 - t0 < args.quiet
@@ -361,7 +381,7 @@ async def start_trainer(sync, model: str, args) -> subprocess.Popen:
     return trainer
 
 
-async def run(args, model: str, state: dict) -> tuple[list[tuple], int]:
+async def run(args, model: str, state: dict) -> tuple[list[tuple], int, list[Row]]:
     from vllm.engine.arg_utils import AsyncEngineArgs
     from vllm.v1.engine.async_llm import AsyncLLM
 
@@ -394,7 +414,7 @@ async def run(args, model: str, state: dict) -> tuple[list[tuple], int]:
         load.running = False
         for task in tasks:
             task.cancel()
-        return [(s, m, rs) for (s, m), rs in results.items()], sync.spec.total_bytes
+        return [(s, m, rs) for (s, m), rs in results.items()], sync.spec.total_bytes, history
     finally:
         engine.shutdown()
 
@@ -421,7 +441,7 @@ def main() -> None:
     state = load_state(model)
     load_before = machine.load()
     args.spare, cpus = None, os.sched_getaffinity(0)
-    rows, nbytes = asyncio.run(run(args, model, state))
+    rows, nbytes, history = asyncio.run(run(args, model, state))
     pin_off_compute([os.getpid()], cpus)  # the memcpy on every CPU, as before --pin
     copy_s = memcpy_seconds(nbytes)
     med = lambda rs, key: statistics.median(r[key] for r in rs)  # noqa: E731
@@ -432,8 +452,8 @@ def main() -> None:
         table.append(
             f"| {source} | {mode} | {stall_s * 1e3:.0f} ({stall_s / copy_s:.1f}x) | "
             f"{med(rs, 'wait') * 1e3:.0f} / {med(rs, 'run') * 1e3:.0f} | "
-            f"{med(rs, 'on_cpu') * 1e3:.0f} / {med(rs, 'off_cpu') * 1e3:.0f} "
-            f"({med(rs, 'blocked'):.0f}) | "
+            f"{med(rs, 'on_cpu') * 1e3:.0f} / {med(rs, 'off_cpu') * 1e3:.0f} | "
+            f"{med(rs, 'off_total') * 1e3:.0f} ({med(rs, 'blocked'):.0f}) | "
             f"{med(rs, 'noise') * 1e3:.0f} | {pause * 1e3:.0f} ({pause / copy_s:.1f}x) | "
             f"{e2e * 1e3:.0f} ({e2e / copy_s:.1f}x, {e2e / med(rs, 'step'):.1f} steps) | "
             f"{med(rs, 'tps_update'):.0f} / {med(rs, 'tps_quiet'):.0f} | "
@@ -452,9 +472,11 @@ def main() -> None:
              f"wait / run = the parts "
              f"of that longest gap: the wait before the step (engine core, front end, "
              f"pause) and the step's own run in the worker, each minus its median; "
-             f"run on / off CPU (blocked) = that run's engine-thread time on the CPU and "
-             f"off it, and how many more times than usual the thread blocked (waiting "
-             f"for the GIL, mostly), each minus its median; "
+             f"run on / off CPU = that run's engine-thread time on the CPU and off it, "
+             f"each minus its median; off CPU in the update (times blocked) = the "
+             f"engine thread's off-CPU time and its blocking (waiting for the GIL, "
+             f"mostly), each beyond the median, summed over every step of the update "
+             f"(unlike the worst step, not drawn to this machine's on-CPU noise); "
              f"noise = the stall measure over the quiet window before (no update); "
              f"pause-to-resume 0 = never paused (overlapped: the engine core commits "
              f"between two steps); "
@@ -464,8 +486,10 @@ def main() -> None:
              + (f"front end, engine core and trainer pinned to CPU(s) {sorted(args.spare)}, "
                 f"off the worker's compute CPU(s) (`--pin`)." if args.spare else
                 "front end, engine core and trainer not pinned (`--no-pin`)."), "",
+             quiet_spread(history, args.quiet), "",
              *machine.table(["source", "staging", "stall ms (x)", "wait / run ms",
-                             "run on / off CPU ms (blocked)", "noise ms",
+                             "run on / off CPU ms", "off CPU in the update ms (times blocked)",
+                             "noise ms",
                              "pause-to-resume ms (x)", "end-to-end ms (x, decode steps)",
                              "decode tok/s during / quiet", "peak extra MiB (max)",
                              "staging thread loading ms"], table)]

@@ -58,9 +58,10 @@ class RLCompatConfig:
     weight_staging: str = _opt(
         "auto", "How our weight backends stage an update: `overlapped` receives, "
         "validates and prepares it (on CPU: new packed oneDNN handles) beside the "
-        "live weights while the engine keeps decoding, then swaps pointers in a "
-        "short pause (one extra copy of the weights until the swap; refused when it "
-        "does not fit); `in_pause` does all of it inside the pause (nothing held "
+        "live weights while the engine keeps decoding, then swaps pointers between "
+        "two engine steps (on an `AsyncLLM` without a pause; an offline `LLM` pauses "
+        "for the swap) (one extra copy of the weights until the swap; refused when "
+        "it does not fit); `in_pause` does all of it inside the pause (nothing held "
         "while decoding); "
         "`auto`: overlapped where the model and memory allow (CPU, unquantized), "
         "else in the pause.", WEIGHT_STAGING_MODES)
