@@ -10,7 +10,7 @@ separates the causes without vLLM: an engine-thread loop shaped like a
 SmolLM2-135M decode step (30 layers of bf16 linears and elementwise ops,
 32 tokens, one torch thread, on the first CPU) runs alone and beside a
 staging thread placed exactly like the product's
-(``staging._staging_thread_setup``: the other cores, nice 10) doing:
+(``staging._staging_thread_setup``: the other cores) doing:
 
 * ``copies``: 1 MiB ``copy_`` calls (the GIL is released inside each);
 * ``copies + Python``: the same with ``--python-ms`` of pure Python before
@@ -168,7 +168,7 @@ def main() -> None:
                             "cores", load_before),
              f"Engine thread: a SmolLM2-135M-shaped decode step ({LAYERS} layers of bf16 "
              f"linears and elementwise ops, {TOKENS} tokens, 1 torch thread) on CPU {first}; "
-             f"staging thread on CPUs {spare} at nice 10 (the product's placement); "
+             f"staging thread on CPUs {spare} (the product's placement); "
              f"median step of {args.steps} alone (just before) and of {args.steps} beside "
              f"the staging load, {args.rounds} rounds over all configurations, medians "
              f"(ratio: median of the per-round ratios); 'copies + Python' = "

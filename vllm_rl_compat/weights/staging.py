@@ -353,7 +353,6 @@ class StagingJob:
         self._pending = []
 
 
-STAGING_NICE = 10
 SWITCH_INTERVAL_S = 2e-5  # the GIL switch interval while staging work runs
 
 
@@ -385,15 +384,20 @@ def off_compute_cpus() -> Iterator[None]:
 
 
 def _staging_thread_setup(compute: set[int]) -> None:
-    """Off the compute cores, and behind every other thread on the spare ones
-    (nice 10): the engine core's scheduler and the front end, which are on
-    the critical path of every step, run there too."""
+    """Off the compute cores, at the process's own priority.
+
+    Not niced below the engine core and front end that share the spare cores:
+    the staging thread holds the GIL while it runs Python, and preempted while
+    holding it, it keeps the engine thread waiting on the compute core (a
+    priority inversion). With a trainer on the spare core too, the engine
+    thread blocked 685-1067 times per broadcast update at nice 10 and 199-293
+    at the process's priority, its wait between steps unchanged
+    (``bench_weight_sync``, run off-CPU column; the file's history)."""
     tid = threading.get_native_id()
     spare = _spare_cpus(compute)
     try:
         if spare:
             os.sched_setaffinity(tid, spare)
-        os.setpriority(os.PRIO_PROCESS, tid, STAGING_NICE)
-    except OSError:  # outside this process's cpuset, or not allowed: stay as we are
+    except OSError:  # outside this process's cpuset: stay as we are
         pass
     torch.set_grad_enabled(False)
