@@ -389,10 +389,11 @@ def _staging_thread_setup(compute: set[int]) -> None:
     Not niced below the engine core and front end that share the spare cores:
     the staging thread holds the GIL while it runs Python, and preempted while
     holding it, it keeps the engine thread waiting on the compute core (a
-    priority inversion). With a trainer on the spare core too, the engine
-    thread blocked 685-1067 times per broadcast update at nice 10 and 199-293
-    at the process's priority, its wait between steps unchanged
-    (``bench_weight_sync``, run off-CPU column; the file's history)."""
+    priority inversion). From a trainer broadcast (the trainer on the spare
+    core too) the engine thread blocked 1067 times per update, 115 ms off the
+    CPU, at nice 10, and 235 times, 27 ms, at the process's priority, its
+    wait between steps unchanged (``benchmarks/results/weight_sync_avx2.md``
+    run at 037b10f; at nice 10: that file at c7649ad)."""
     tid = threading.get_native_id()
     spare = _spare_cpus(compute)
     try:
