@@ -391,9 +391,10 @@ def _staging_thread_setup(compute: set[int]) -> None:
     holding it, it keeps the engine thread waiting on the compute core (a
     priority inversion). From a trainer broadcast (the trainer on the spare
     core too) the engine thread blocked 1067 times per update, 115 ms off the
-    CPU, at nice 10, and 235 times, 27 ms, at the process's priority, its
-    wait between steps unchanged (``benchmarks/results/weight_sync_avx2.md``
-    run at 037b10f; at nice 10: that file at c7649ad)."""
+    CPU, at nice 10, and 235 and 193 times, 27 and 29 ms, in two runs at
+    the process's priority, its wait between steps unchanged
+    (``benchmarks/results/weight_sync_avx2.md`` at c7649ad, 6889e91 and
+    3b60265)."""
     tid = threading.get_native_id()
     spare = _spare_cpus(compute)
     try:
