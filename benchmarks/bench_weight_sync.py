@@ -275,8 +275,9 @@ def quiet_spread(history: list[Row], after: float) -> str:
     decode = [r for r in history if not r[3]]
     if len(decode) < 2:
         return "Too few decode steps outside updates to tell their spread."
-    excess = sorted(_gap(r) - statistics.median(map(_gap, decode)) for r in decode)
-    off = sorted(_off_cpu(r) - statistics.median(map(_off_cpu, decode)) for r in decode)
+    gap0, off0 = statistics.median(map(_gap, decode)), statistics.median(map(_off_cpu, decode))
+    excess = sorted(_gap(r) - gap0 for r in decode)
+    off = sorted(_off_cpu(r) - off0 for r in decode)
     p90 = lambda xs: xs[min(len(xs) - 1, int(0.9 * len(xs)))]  # noqa: E731
     return (f"Decode steps outside updates ({len(decode)}: the quiet windows and the "
             f"{after:.0f} s after each update), excess over their median gap: 90th "
