@@ -297,12 +297,12 @@ class StagingJob:
     switch interval (5 ms by default) whenever staging runs Python (vLLM's
     ``load_weights`` spends about 0.6 ms of it per tensor). While a job runs
     the interval is ``SWITCH_INTERVAL_S``: beside a loader-shaped load a
-    decode-shaped step ran 1.62x its time at 5 ms, 1.46x at 0.1 ms and 1.00x
-    at 0.02 ms (beside pure Python: 7.58x, 1.29x, 1.06x), the staging
+    decode-shaped step ran 1.67x its time at 5 ms, 1.22x at 0.1 ms and 1.13x
+    at 0.02 ms (beside pure Python: 7.82x, 1.23x, 1.15x), the staging
     throughput unchanged (``benchmarks/results/staging_gil_avx2.md``; its
-    earlier runs, in its history: 1.23x / 1.20x at 0.1 ms against 1.15x /
-    1.18x at 0.02 ms). Copies alone, even of 256 MiB from DRAM or into fresh
-    pages, cost the step little or nothing there.
+    earlier runs, in its history: 1.46x / 1.23x / 1.20x at 0.1 ms against
+    1.00x / 1.15x / 1.18x at 0.02 ms). Copies alone, even of 256 MiB from
+    DRAM or into fresh pages, cost the step little or nothing there.
     """
 
     def __init__(self) -> None:
