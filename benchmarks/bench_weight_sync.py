@@ -7,7 +7,9 @@ staging mode (``overlapped``: staged beside the live weights while decoding,
 swapped between two engine steps by the engine core, no pause,
 ``weights.boundary_commit``; ``overlapped, copy plan``: the same, replaying the
 copy plan recorded from a first, unmeasured update instead of running vLLM's
-``load_weights``; ``in_pause``: everything inside the pause) it runs
+``load_weights``; ``overlapped, kept copy``: loading into the stage the
+previous (unmeasured) update swapped out and kept, ``weight_staging_keep``;
+``in_pause``: everything inside the pause) it runs
 ``--updates`` full updates, alternating the order of modes, each after a
 quiet window of ``--quiet`` seconds, and reports medians of:
 
@@ -35,7 +37,7 @@ quiet window of ``--quiet`` seconds, and reports medians of:
 * peak extra memory: anonymous RSS of the engine's processes during the
   update minus just before it (sampled every 10 ms), the largest over the
   updates (the allocator keeps freed pages, so later updates re-use the
-  first one's and show less);
+  first one's and show less; a kept copy is held before the update starts);
 
 each time also as a ratio to a memcpy of the same bytes in the same run.
 The mode is chosen per update with ``VLLM_RL_COMPAT_WEIGHT_STAGING`` and
@@ -77,10 +79,14 @@ TRAINER = HERE.parent / "tests" / "weight_sync_trainer.py"
 sys.path.insert(0, str(HERE))
 import machine  # noqa: E402  (benchmarks/machine.py: the results-file header)
 
-# label -> (VLLM_RL_COMPAT_WEIGHT_STAGING, VLLM_RL_COMPAT_COPY_PLAN, how the shadow loads)
-MODES = {"overlapped": ("overlapped", "0", "load_weights"),
-         "overlapped, copy plan": ("overlapped", "1", "plan"),
-         "in_pause": ("in_pause", "0", None)}
+# label -> (VLLM_RL_COMPAT_WEIGHT_STAGING, VLLM_RL_COMPAT_COPY_PLAN,
+#           VLLM_RL_COMPAT_WEIGHT_STAGING_KEEP, how the shadow loads)
+MODES = {"overlapped": ("overlapped", "0", "0", "load_weights"),
+         "overlapped, copy plan": ("overlapped", "1", "0", "plan"),
+         "overlapped, kept copy": ("overlapped", "0", "1", "load_weights"),
+         "in_pause": ("in_pause", "0", "0", None)}
+MODE_ENV = ("VLLM_RL_COMPAT_WEIGHT_STAGING", "VLLM_RL_COMPAT_COPY_PLAN",
+            "VLLM_RL_COMPAT_WEIGHT_STAGING_KEEP")
 
 
 def memcpy_seconds(nbytes: int, repeats: int = 10) -> float:
@@ -288,8 +294,9 @@ def quiet_spread(history: list[Row], after: float) -> str:
 
 async def one_update(sync, engine, load: Load, source: str, mode: str, model: str,
                      state: dict, args, history: list[Row]) -> dict:
-    os.environ["VLLM_RL_COMPAT_WEIGHT_STAGING"], os.environ["VLLM_RL_COMPAT_COPY_PLAN"], _ = (
-        MODES[mode])
+    os.environ.update(zip(MODE_ENV, MODES[mode]))
+    if os.environ["VLLM_RL_COMPAT_WEIGHT_STAGING_KEEP"] == "1":
+        await sync.update_from_tensors(state)  # not measured: leaves the stage to re-use
     trainer = None
     if source == "broadcast":
         trainer = await start_trainer(sync, model, args)
@@ -323,16 +330,18 @@ async def one_update(sync, engine, load: Load, source: str, mode: str, model: st
             "mem": rss.peak - base,
             "overlapped": all(r.get("overlapped") for r in sync.last_apply),
             "via": {r.get("via") for r in sync.last_apply},
+            "kept": all(r.get("kept") for r in sync.last_apply),
             "load": max((r.get("load_seconds", 0.0) for r in sync.last_apply), default=0.0)}
 
 
 def check_path(source: str, mode: str, r: dict) -> None:
     """The update went the way its row says (else the table would lie)."""
-    staging, _, via = MODES[mode]
-    if r["overlapped"] != (staging == "overlapped") or (via and r["via"] != {via}):
+    staging, _, keep, via = MODES[mode]
+    if (r["overlapped"] != (staging == "overlapped") or (via and r["via"] != {via})
+            or r["kept"] != (keep == "1")):
         raise RuntimeError(f"{source}/{mode}: the update was staged "
                            f"{'overlapped' if r['overlapped'] else 'in the pause'} "
-                           f"via {r['via']}")
+                           f"via {r['via']}, stage kept: {r['kept']}")
 
 
 def pin_off_compute(pids: list[int], spare: set[int]) -> None:
@@ -390,7 +399,7 @@ async def run(args, model: str, state: dict) -> tuple[list[tuple], int, list[Row
 
     engine = AsyncLLM.from_engine_args(AsyncEngineArgs(
         model=model, dtype="bfloat16", max_model_len=args.max_tokens + 64, seed=0,
-        max_num_seqs=max(args.streams, 1), enforce_eager=True))
+        max_num_seqs=max(args.streams, 1), enforce_eager=args.eager))
     try:
         sync = await AsyncWeightSync.create(engine)
         args.spare = keep_off_compute(args)
@@ -432,6 +441,9 @@ def main() -> None:
     ap.add_argument("--pin", action=argparse.BooleanOptionalAction, default=True,
                     help="keep the front end, engine core and trainer off the "
                          "workers' compute CPUs (default)")
+    ap.add_argument("--eager", action=argparse.BooleanOptionalAction, default=True,
+                    help="enforce_eager (default): every op of a step returns into "
+                         "Python; --no-eager: vLLM's default torch.compile")
     args = ap.parse_args()
 
     import torch
@@ -462,7 +474,7 @@ def main() -> None:
             + (f"{med(rs, 'load') * 1e3:.0f} |" if mode.startswith("overlapped") else "- |"))
     lines = [machine.header("Weight updates of SmolLM2-135M on CPU under load: overlapped "
                             "staging vs in the pause", load_before),
-             f"SmolLM2-135M bf16 (eager): {nbytes / 2**20:.1f} MiB; memcpy of the same bytes: "
+             f"SmolLM2-135M bf16 ({'eager' if args.eager else 'torch.compile'}): {nbytes / 2**20:.1f} MiB; memcpy of the same bytes: "
              f"{copy_s * 1e3:.1f} ms (median of 10, this run); torch {torch.__version__}; "
              f"{args.streams} streaming requests decoding throughout; {args.updates} updates "
              f"per source and mode, modes alternated, {args.quiet:.0f} s quiet before each; "
@@ -483,7 +495,8 @@ def main() -> None:
              f"between two steps); "
              f"x = ratio to the memcpy; staging thread loading = its time reading or "
              f"receiving the bytes and loading them into the shadow (vLLM's load_weights, "
-             f"or replaying the copy plan); broadcast in chunks of {args.chunk_mb} MiB; "
+             f"or replaying the copy plan); kept copy: the stage of the previous, unmeasured "
+             f"update, held between updates (not in the peak extra memory); broadcast in chunks of {args.chunk_mb} MiB; "
              + (f"front end, engine core and trainer pinned to CPU(s) {sorted(args.spare)}, "
                 f"off the worker's compute CPU(s) (`--pin`)." if args.spare else
                 "front end, engine core and trainer not pinned (`--no-pin`)."), "",
@@ -494,7 +507,7 @@ def main() -> None:
                              "pause-to-resume ms (x)", "end-to-end ms (x, decode steps)",
                              "decode tok/s during / quiet", "peak extra MiB (max)",
                              "staging thread loading ms"], table)]
-    machine.write_results("weight_sync", lines)
+    machine.write_results("weight_sync" if args.eager else "weight_sync_compiled", lines)
 
 
 if __name__ == "__main__":

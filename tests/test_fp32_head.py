@@ -300,7 +300,10 @@ def test_fp32_weights_mode(kind: str, name: str, tmp_path: Path,
         # Both apply paths on this engine (the choice is read at each update).
         # vLLM's layerwise reload replays the embedding's (wrapped) loader by
         # signature: the shadow wrapper must keep working there too.
-        for fast_reload, new in zip(("1", "0"), updates):
+        # Overlapped twice with the staging copy kept: the second loads into
+        # the first's kept stage, the fp32 copy exchanged with the live one.
+        monkeypatch.setenv("VLLM_RL_COMPAT_WEIGHT_STAGING_KEEP", "1")
+        for fast_reload, new in zip(("1", "1", "0"), (*updates, updates[0])):
             monkeypatch.setenv("VLLM_RL_COMPAT_FAST_RELOAD", fast_reload)
             applied = _update_keeps_fp32_head(llm, tmp_path / kind, name, new)
             assert [r["fast"] for r in applied] == [fast_reload == "1"]

@@ -118,7 +118,8 @@ def assert_never_paused(llm, sync) -> None:
     """A failed overlapped update: generation never stopped, staging freed."""
     if OVERLAPPED:
         assert sync.last_pause_seconds == 0.0
-        idle = {"held": False, "busy": False}  # shadow dropped, staging thread idle
+        # the update's shadow (a kept one too) dropped, the staging thread idle
+        idle = {"held": False, "busy": False, "kept": False}
         assert llm.collective_rpc("rl_compat_staging") == [idle] * sync.num_workers
 
 
@@ -319,6 +320,49 @@ def test_overlapped_updates_replay_the_recorded_copy_plan(untied, monkeypatch):
     assert via[1:] == [["plan"], ["plan"], ["load_weights"]]
 
 
+@pytest.mark.engine
+def test_overlapped_updates_keep_their_staging_copy(untied, tmp_path, monkeypatch):
+    """``weight_staging_keep``: the stage swapped out is kept and the next
+    update loads into it (the storage live one update before): exact through
+    five updates and a chunked one that fails after its first chunk loaded;
+    ``0`` frees it at the swap."""
+    if not OVERLAPPED:
+        pytest.skip("this run stages every update in the pause")
+    eng, sync = untied["eng_a"], untied["sync_a"]
+    monkeypatch.setenv("VLLM_RL_COMPAT_WEIGHT_STAGING_KEEP", "1")
+    kept = lambda: [s["kept"] for s in eng.collective_rpc("rl_compat_staging")]  # noqa: E731
+    for model, send in (("b", "files"), ("a", "tensors"), ("b", "files"), ("a", "files")):
+        if send == "files":
+            sync.update_from_files(untied[f"dir_{model}"])
+        else:
+            sync.update_from_tensors(state_dict(untied[f"dir_{model}"]))
+        assert [r["kept"] for r in sync.last_apply] == [True] and kept() == [True]
+        assert forced_logprobs(eng) == untied[f"ref_{model}"]  # exact
+    # vLLM's RL calls, in chunks: half of B loads into the kept stage (the
+    # storage the live weights left at the last swap), then a bad chunk.
+    from safetensors.torch import save_file
+
+    b = state_dict(untied["dir_b"])
+    (tmp_path / "half").mkdir()
+    (tmp_path / "bad").mkdir()
+    save_file({n: b[n] for n in sorted(b)[: len(b) // 2]}, tmp_path / "half" / "m.safetensors")
+    save_file({"model.norm.weight": torch.ones(3, dtype=torch.bfloat16)},
+              tmp_path / "bad" / "m.safetensors")
+    eng.start_weight_update()
+    eng.update_weights({"update_info": {"source": "files", "path": str(tmp_path / "half")}})
+    with pytest.raises(WeightUpdateError, match="wrong shapes"):
+        eng.update_weights({"update_info": {"source": "files", "path": str(tmp_path / "bad")}})
+        eng.finish_weight_update()
+    assert_never_paused(eng, sync)
+    assert forced_logprobs(eng) == untied["ref_a"]  # live weights untouched
+    sync.update_from_files(untied["dir_b"])
+    assert forced_logprobs(eng) == untied["ref_b"]
+    monkeypatch.setenv("VLLM_RL_COMPAT_WEIGHT_STAGING_KEEP", "0")
+    sync.update_from_files(untied["dir_a"])
+    assert [r["kept"] for r in sync.last_apply] == [False] and kept() == [False]
+    assert forced_logprobs(eng) == untied["ref_a"]
+
+
 def _connect(sync, port: int, timeout: float) -> None:
     sync.connect_trainer("127.0.0.1", port, secret=SECRET, timeout=timeout)
 
@@ -372,7 +416,8 @@ def test_tied_model_dtype_head_follows_update(tiny_model, monkeypatch):
     paths must rebuild it (the fp32 head reads the embedding itself, so this
     is the case that can go stale). One engine on A: A -> B (fast), B -> A
     (layerwise, back to its own start-up logprobs), A -> B (layerwise); the
-    apply path is chosen at each update."""
+    apply path is chosen at each update. Then two overlapped updates with the
+    staging copy kept (the tied parameter is exchanged once, not twice)."""
     off = {"additional_config": {"rl_compat": {"fp32_head": "off"}}, **EAGER}
     a, b = tiny_model("llama-tied", 0), tiny_model("llama-tied", 1)
     ref_b = fresh_logprobs(b, **off)
@@ -388,7 +433,9 @@ def test_tied_model_dtype_head_follows_update(tiny_model, monkeypatch):
             sync.update_from_tensors({**tensors, "lm_head.weight":
                                       tensors["model.embed_tokens.weight"]})
         assert forced_logprobs(eng) == ref_a
-        for fast, target, want in ((True, b, ref_b), (False, a, ref_a), (False, b, ref_b)):
+        monkeypatch.setenv("VLLM_RL_COMPAT_WEIGHT_STAGING_KEEP", "1")
+        for fast, target, want in ((True, b, ref_b), (False, a, ref_a), (False, b, ref_b),
+                                   (True, a, ref_a), (True, b, ref_b)):
             monkeypatch.setenv("VLLM_RL_COMPAT_FAST_RELOAD", "1" if fast else "0")
             sync.update_from_files(target)
             assert [r["fast"] for r in sync.last_apply] == [fast]

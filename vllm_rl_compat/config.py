@@ -65,6 +65,11 @@ class RLCompatConfig:
         "while decoding); "
         "`auto`: overlapped where the model and memory allow (CPU, unquantized), "
         "else in the pause.", WEIGHT_STAGING_MODES)
+    weight_staging_keep: bool = _opt(
+        False, "Overlapped staging keeps its copy of the weights between updates "
+        "(a double buffer: the next update loads into the memory the last swap "
+        "freed, with no shadow to build, allocation or fresh pages to fault in); "
+        "`false` frees it at each swap.")
     weight_staging_max_gib: float = _opt(
         0.0, "Most extra memory overlapped staging may hold, in GiB (`0`: what the "
         "machine and its cgroup have available).")

@@ -43,6 +43,16 @@ def _flag(name: str, default: str = "0") -> Callable[[], bool]:
     return lambda: os.environ.get(name, default).strip() == "1"
 
 
+def _override_flag(name: str) -> Callable[[], bool | None]:
+    """``1`` / ``0`` override an option; unset or empty: ``None`` (the option decides)."""
+    def get() -> bool | None:
+        value = os.environ.get(name, "").strip()
+        if value not in ("", "0", "1"):
+            raise ValueError(f"{name}={value!r} is not 0 or 1")
+        return None if value == "" else value == "1"
+    return get
+
+
 # name -> (getter, description). The README table is checked against this.
 environment_variables: dict[str, tuple[Callable[[], Any], str]] = {
     SWITCH: (
@@ -77,6 +87,11 @@ environment_variables: dict[str, tuple[Callable[[], Any], str]] = {
         "writes the first update and replay those writes for later ones instead "
         "of running the loader (`weights/copy_plan.py`; opt-in: no gain measured "
         "yet, see the README); read at each update.",
+    ),
+    "VLLM_RL_COMPAT_WEIGHT_STAGING_KEEP": (
+        _override_flag("VLLM_RL_COMPAT_WEIGHT_STAGING_KEEP"),
+        "`1` / `0` overrides `rl_compat.weight_staging_keep` for the updates a "
+        "front end starts (for comparisons); read at each update.",
     ),
     "VLLM_RL_COMPAT_WEIGHT_STAGING_MAX_GIB": (
         lambda: float(os.environ["VLLM_RL_COMPAT_WEIGHT_STAGING_MAX_GIB"])

@@ -99,6 +99,7 @@ class _Overlap:
     recorder: Any = None  # weights.copy_plan.PlanRecorder: load and record
     misfits: int = 0  # tensors the plan did not fit (loaded by vLLM)
     prepared: bool = False  # complete, validated and prepared: ready to swap
+    keep: bool = False  # keep the stage after the swap for the next update
     load_seconds: float = 0.0  # staging thread time loading the shadow (all chunks)
 
     @property
@@ -152,6 +153,9 @@ class RLCompatWeightTransferEngine(
         self._overlap: _Overlap | None = None
         self._job: Any = None  # weights.staging.StagingJob, made on first use
         self._plan: Any = None  # CopyPlan once recorded, or why it cannot be
+        self._kept: Any = None  # StagedWeights of the last swap (weight_staging_keep)
+        self._keep_refused: str | None = None  # why this model's stage cannot be kept
+        self._keep_checked = False
 
     @property
     def spec(self) -> Any:
@@ -209,12 +213,15 @@ class RLCompatWeightTransferEngine(
         self.receive_weights(self.parse_update_info(update_info))
 
     def begin_overlapped(self, model: torch.nn.Module, plan: Any, explicit: bool,
-                         max_gib: float, copy_plan: bool = False) -> dict[str, Any]:
+                         max_gib: float, copy_plan: bool = False,
+                         keep: bool = False) -> dict[str, Any]:
         """Stage this update beside the live weights (``weights.staging``) if the
         model qualifies (``plan``) and the extra copy fits; else say why (or
         raise, when overlapped staging was asked for explicitly). With
         ``copy_plan`` (opt-in), the first such update records how vLLM loads
-        it and later ones replay that (``weights.copy_plan``)."""
+        it and later ones replay that (``weights.copy_plan``). With ``keep``,
+        the stage is kept after the swap and the next update loads into it;
+        without, a kept one is freed."""
         from vllm_rl_compat.weights import staging
         from vllm_rl_compat.weights.spec import WeightUpdateError
 
@@ -222,11 +229,14 @@ class RLCompatWeightTransferEngine(
             "it is built for unquantized models on the CPU platform (the fast CPU apply's "
             "plan, which this engine does not qualify for: see the log line 'weight "
             "updates use vLLM's layerwise reload')")
+        if not keep:
+            self._kept = None
         if reason is None:
             largest = max(t.numel() * t.element_size() for t in model.parameters())
+            held = self._kept.held_bytes() if self._kept is not None else 0
             try:
-                staging.check_fits(staging.staging_bytes(self.spec.total_bytes, largest),
-                                   max_gib)
+                staging.check_fits(
+                    staging.staging_bytes(max(0, self.spec.total_bytes - held), largest), max_gib)
             except staging.StagingMemoryError as exc:
                 reason = str(exc)
         if reason is not None:
@@ -236,7 +246,7 @@ class RLCompatWeightTransferEngine(
             return {"overlapped": False, "why": reason}
         if self._job is None:
             self._job = staging.StagingJob()
-        overlap = self._overlap = _Overlap()
+        overlap = self._overlap = _Overlap(keep=keep)
         # The shadow is built by the staging thread too (10-30 ms of Python and
         # allocation here, which the next step would otherwise wait for).
         self._job.submit(lambda: self._build(overlap, model, plan, copy_plan))
@@ -248,7 +258,12 @@ class RLCompatWeightTransferEngine(
         from vllm_rl_compat.weights import staging
         from vllm_rl_compat.weights.copy_plan import CopyPlan, PlanRecorder
 
-        stage = overlap.stage = staging.build(model, plan)
+        stage, self._kept = self._kept, None
+        if stage is not None:
+            stage.reuse()
+        else:
+            stage = staging.build(model, plan)
+        overlap.stage = stage
         if not copy_plan or isinstance(self._plan, str):
             return
         if isinstance(self._plan, CopyPlan) and self._plan.matches(stage.slots):
@@ -257,9 +272,11 @@ class RLCompatWeightTransferEngine(
             overlap.recorder = PlanRecorder(stage.slots, set(stage.fillings))
 
     def staging_state(self) -> dict[str, bool]:
-        """``held``: a shadow is allocated; ``busy``: the staging thread works."""
+        """``held``: an update's shadow is allocated; ``busy``: the staging
+        thread works; ``kept``: a swapped stage is kept for the next update."""
         busy = self._job is not None and self._job.busy()
-        return {"held": self._overlap is not None, "busy": busy}
+        return {"held": self._overlap is not None, "busy": busy,
+                "kept": self._kept is not None}
 
     def poll(self) -> dict[str, bool]:
         """``done``: the staging thread finished everything handed to it (raises
@@ -346,6 +363,12 @@ class RLCompatWeightTransferEngine(
             return
         self.spec.validate(overlap.entries)
         overlap.stage.prepare()
+        if overlap.keep and not self._keep_checked:  # once: the model's processing
+            self._keep_refused = overlap.stage.captured_by_derived_state()
+            self._keep_checked = True
+            if self._keep_refused is not None:
+                logger.info("weight_staging_keep does not apply to this model, its "
+                            "staging copy is freed at each swap: %s", self._keep_refused)
         overlap.prepared = True
         if overlap.recorder is not None:
             self._plan = overlap.recorder.finish()
@@ -362,16 +385,23 @@ class RLCompatWeightTransferEngine(
         return self._overlap is not None
 
     def take_staged(self) -> list[tuple[str, torch.Tensor]]:
-        staged, self._staged = self._staged, []
+        """The update staged for the pause; a kept stage is freed (the live
+        model changes outside its swap, and in_pause holds no extra copy)."""
+        staged, self._staged, self._kept = self._staged, [], None
         return staged
 
-    def take_stage(self) -> tuple[Any, dict[str, Any]]:
-        """The prepared shadow of an overlapped update (the swap installs it)
-        and how it was loaded (``_Overlap.via``, seconds loading it)."""
+    def swap_stage(self) -> dict[str, Any]:
+        """Engine thread, between steps: install the prepared shadow of an
+        overlapped update (``StagedWeights.swap``), keep it for the next one
+        if asked and safe; how it was loaded (``_Overlap.via``, seconds)."""
         if self._job is not None and not self._job.done():
             raise RuntimeError("the staging thread has not finished")
         overlap, self._overlap = self._overlap, None
-        return overlap.stage, {"via": overlap.via, "load_seconds": overlap.load_seconds}
+        overlap.stage.swap()
+        if overlap.keep and self._keep_checked and self._keep_refused is None:
+            self._kept = overlap.stage
+        return {"via": overlap.via, "load_seconds": overlap.load_seconds,
+                "kept": self._kept is not None}
 
     def drop(self) -> None:
         self._staged = []

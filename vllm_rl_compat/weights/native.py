@@ -65,8 +65,10 @@ def staging_options(vllm_config: Any) -> dict[str, Any]:
                              f"backend {transfer.backend!r} loads into the live weights")
         mode = "in_pause"  # vLLM's own backends load straight into the parameters
     max_gib = envs.VLLM_RL_COMPAT_WEIGHT_STAGING_MAX_GIB
+    keep = envs.VLLM_RL_COMPAT_WEIGHT_STAGING_KEEP
     return {"staging": mode,
             "max_gib": cfg.weight_staging_max_gib if max_gib is None else max_gib,
+            "keep": cfg.weight_staging_keep if keep is None else keep,
             "allow_fast": _allow_fast(), "copy_plan": envs.VLLM_RL_COMPAT_COPY_PLAN}
 
 

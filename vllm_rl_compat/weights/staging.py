@@ -37,7 +37,14 @@ How, without touching anything the running model reads:
 
 Memory: one extra copy of the weights plus packed handles until the swap
 (``staging_bytes``), refused beforehand when the machine (or the
-``weight_staging_max_gib`` budget) does not have it. Faults (bad tensors, a
+``weight_staging_max_gib`` budget) does not have it. The swap exchanges
+storage, so the shadow ends up holding the weights the model no longer
+reads; with ``weight_staging_keep`` the backend keeps it and the next update
+loads into it (``reuse``): no shadow to build (pure Python, GIL held), no
+allocation, no fresh pages -- the copy is then held between updates too.
+Kept only when no rebuilt attribute refers to a shadow object
+(``captured_by_derived_state``), and freed by a failed update or any update
+applied in the pause. Faults (bad tensors, a
 truncated file, a trainer that dies or stalls) fail the staging thread; the
 live model was never touched and the shadow is dropped.
 
@@ -134,20 +141,77 @@ class StagedWeights:
     def swap(self) -> int:
         """Install the staged state in the live model (engine thread, between steps).
 
-        Returns the number of modules changed. Only pointers move.
+        Returns the number of modules changed. Only pointers move: each live
+        parameter (and tensor attribute the shadow holds, the fp32 head's)
+        takes its shadow's storage and the shadow takes the old one, so a kept
+        stage (``reuse``) loads the next update into memory the live model no
+        longer reads; the attributes processing rebuilt are re-pointed.
         """
         if not self.prepared:
             raise RuntimeError("staged weights swapped before prepare()")
+        moved: set[int] = set()  # a tied parameter is exchanged once
         with torch.no_grad():
             for live, shadow in self.pairs:
                 for name, staged in shadow._parameters.items():
                     current = live._parameters.get(name)
-                    if staged is not None and current is not None and staged is not current:
-                        current.data = staged.data
+                    if staged is not None and current is not None:
+                        _exchange(current, staged, moved)
                 for key, value in shadow.__dict__.items():
-                    if key not in _TREE_KEYS and live.__dict__.get(key) is not value:
+                    current = live.__dict__.get(key)
+                    if key in _TREE_KEYS or current is value:
+                        continue
+                    if isinstance(value, torch.Tensor) and isinstance(current, torch.Tensor):
+                        _exchange(current, value, moved)
+                    else:
                         live.__dict__[key] = value
+        self.prepared = False
         return len(self.pairs)
+
+    def reuse(self) -> None:
+        """Ready a kept stage for the next update: nothing prepared, no packed
+        layer part-filled (an update abandoned mid-layer leaves its count)."""
+        for filling in self.fillings.values():
+            filling.param.data, filling.loaded = torch.empty(0, dtype=filling.param.dtype), 0
+        for entry in self.packed:
+            entry.done = False
+        self.prepared = False
+
+    def held_bytes(self) -> int:
+        """Memory the stage holds between updates (its parameters' storage)."""
+        return sum(s.numel() * s.element_size() for s in self.slots)
+
+    def captured_by_derived_state(self) -> str | None:
+        """Why this stage must not be kept, or ``None``: a rebuilt attribute
+        (a ``cpu_linear`` closure, say) that refers to a shadow module or
+        parameter *object* would, after the swap, read the storage the next
+        update is loaded into; one built from the *storage* (a packed handle,
+        a packed copy) moves with it and is safe."""
+        shadows = {id(s) for _, s in self.pairs} | {id(p) for p in self.slots}
+        for live, shadow in self.pairs:
+            for key, value in shadow.__dict__.items():
+                if key in _TREE_KEYS or live.__dict__.get(key) is value:
+                    continue
+                if any(id(ref) in shadows for ref in _references(value)):
+                    return f"{type(live).__name__}.{key} refers to a staged module or parameter"
+        return None
+
+
+def _exchange(live: torch.Tensor, staged: torch.Tensor, moved: set[int]) -> None:
+    if id(staged) not in moved and staged is not live:
+        live.data, staged.data = staged.data, live.data
+        moved.add(id(staged))
+
+
+def _references(value: Any) -> list[Any]:
+    """What a derived attribute can hold on to: a bound method's object, a
+    function's closure cells and defaults."""
+    if isinstance(value, torch.Tensor):
+        return []
+    refs = [getattr(value, "__self__", None), *(getattr(value, "__defaults__", None) or ())]
+    for cell in getattr(value, "__closure__", None) or ():
+        with contextlib.suppress(ValueError):  # an empty cell
+            refs.append(cell.cell_contents)
+    return refs
 
 
 def build(model: torch.nn.Module, plan: FastReloader) -> StagedWeights:

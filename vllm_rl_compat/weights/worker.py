@@ -75,7 +75,7 @@ class WeightSyncExtension:
         """Does this worker hold staged weights or run staging work? (memory)"""
         engine = getattr(self, "weight_transfer_engine", None)
         if engine is None or not _is_ours(engine):
-            return {"held": False, "busy": False}
+            return {"held": False, "busy": False, "kept": False}
         return engine.staging_state()
 
     def rl_compat_txn(self, txn: str, step: str, proof: str, info: Any = None) -> Any:
@@ -172,7 +172,8 @@ def _start(worker: Any, engine: Any, info: Any) -> dict[str, Any]:
     return engine.begin_overlapped(worker.model_runner.get_model(), plan,
                                    explicit=mode == "overlapped",
                                    max_gib=float((info or {}).get("max_gib", 0.0)),
-                                   copy_plan=bool((info or {}).get("copy_plan", False)))
+                                   copy_plan=bool((info or {}).get("copy_plan", False)),
+                                   keep=bool((info or {}).get("keep", False)))
 
 
 def _poll(worker: Any, engine: Any, info: Any) -> dict[str, bool]:
@@ -211,8 +212,7 @@ def _finish(worker: Any, engine: Any, allow_fast: Any) -> dict[str, Any]:
 def _swap(worker: Any, engine: Any) -> dict[str, Any]:
     """Install an overlapped update's prepared shadow: pointers only (the fp32
     head's derived state was staged with it, so no refresh pass)."""
-    stage, loaded = engine.take_stage()
-    stage.swap()
+    loaded = engine.swap_stage()
     _reset_runner_caches(worker)
     worker.finish_weight_update()
     return {"rank": int(getattr(worker, "rank", 0)), "head_refreshed": True,
