@@ -8,7 +8,8 @@ swapped between two engine steps by the engine core, no pause,
 ``weights.boundary_commit``; ``overlapped, copy plan``: the same, replaying the
 copy plan recorded from a first, unmeasured update instead of running vLLM's
 ``load_weights``; ``overlapped, kept copy``: loading into the stage the
-previous (unmeasured) update swapped out and kept, ``weight_staging_keep``;
+previous (unmeasured) update swapped out and kept, ``weight_staging_keep``
+(also with the copy plan);
 ``in_pause``: everything inside the pause) it runs
 ``--updates`` full updates, alternating the order of modes, each after a
 quiet window of ``--quiet`` seconds, and reports medians of:
@@ -84,6 +85,7 @@ import machine  # noqa: E402  (benchmarks/machine.py: the results-file header)
 MODES = {"overlapped": ("overlapped", "0", "0", "load_weights"),
          "overlapped, copy plan": ("overlapped", "1", "0", "plan"),
          "overlapped, kept copy": ("overlapped", "0", "1", "load_weights"),
+         "overlapped, kept copy + copy plan": ("overlapped", "1", "1", "plan"),
          "in_pause": ("in_pause", "0", "0", None)}
 MODE_ENV = ("VLLM_RL_COMPAT_WEIGHT_STAGING", "VLLM_RL_COMPAT_COPY_PLAN",
             "VLLM_RL_COMPAT_WEIGHT_STAGING_KEEP")
