@@ -397,8 +397,9 @@ class RLCompatWeightTransferEngine(
         if self._job is not None and not self._job.done():
             raise RuntimeError("the staging thread has not finished")
         overlap, self._overlap = self._overlap, None
-        overlap.stage.swap()
-        if overlap.keep and self._keep_checked and self._keep_refused is None:
+        keep = overlap.keep and self._keep_checked and self._keep_refused is None
+        overlap.stage.swap(exchange=keep)
+        if keep:
             self._kept = overlap.stage
         return {"via": overlap.via, "load_seconds": overlap.load_seconds,
                 "kept": self._kept is not None}

@@ -37,16 +37,16 @@ How, without touching anything the running model reads:
 
 Memory: one extra copy of the weights plus packed handles until the swap
 (``staging_bytes``), refused beforehand when the machine (or the
-``weight_staging_max_gib`` budget) does not have it. The swap exchanges
-storage, so the shadow ends up holding the weights the model no longer
-reads; with ``weight_staging_keep`` the backend keeps it and the next update
-loads into it (``reuse``): no shadow to build (pure Python, GIL held), no
+``weight_staging_max_gib`` budget) does not have it. When the stage is to be
+kept (``weight_staging_keep``) the swap exchanges storage, so the shadow ends
+up holding the weights the model no longer reads, and the next update loads
+into it (``reuse``): no shadow to build (pure Python, GIL held), no
 allocation, no fresh pages -- the copy is then held between updates too.
 Kept only when no rebuilt attribute refers to a shadow object
-(``captured_by_derived_state``), and freed by a failed update or any update
-applied in the pause. Faults (bad tensors, a
-truncated file, a trainer that dies or stalls) fail the staging thread; the
-live model was never touched and the shadow is dropped.
+(``captured_by_derived_state``); freed by a failed update or any update
+applied in the pause. Faults (bad tensors, a truncated file, a trainer that
+dies or stalls) fail the staging thread; the live model was never touched
+and the shadow is dropped.
 
 Qualifies exactly when the fast in-pause apply does
 (``apply_cpu.build_fast_reloader``): the CPU platform, unquantized models made
@@ -138,14 +138,17 @@ class StagedWeights:
             rebuild_packed_heads(self.embeddings)
         self.prepared = True
 
-    def swap(self) -> int:
+    def swap(self, exchange: bool = False) -> int:
         """Install the staged state in the live model (engine thread, between steps).
 
         Returns the number of modules changed. Only pointers move: each live
         parameter (and tensor attribute the shadow holds, the fp32 head's)
-        takes its shadow's storage and the shadow takes the old one, so a kept
-        stage (``reuse``) loads the next update into memory the live model no
-        longer reads; the attributes processing rebuilt are re-pointed.
+        takes its shadow's storage; the attributes processing rebuilt are
+        re-pointed. With ``exchange`` the shadow takes the old storage, so a
+        kept stage (``reuse``) loads the next update into memory the live
+        model no longer reads (only when ``captured_by_derived_state`` found
+        nothing: else the shadow keeps sharing the new storage with the live
+        model, as anything captured from it expects).
         """
         if not self.prepared:
             raise RuntimeError("staged weights swapped before prepare()")
@@ -155,13 +158,13 @@ class StagedWeights:
                 for name, staged in shadow._parameters.items():
                     current = live._parameters.get(name)
                     if staged is not None and current is not None:
-                        _exchange(current, staged, moved)
+                        _move(current, staged, moved, exchange)
                 for key, value in shadow.__dict__.items():
                     current = live.__dict__.get(key)
                     if key in _TREE_KEYS or current is value:
                         continue
                     if isinstance(value, torch.Tensor) and isinstance(current, torch.Tensor):
-                        _exchange(current, value, moved)
+                        _move(current, value, moved, exchange)
                     else:
                         live.__dict__[key] = value
         self.prepared = False
@@ -196,10 +199,14 @@ class StagedWeights:
         return None
 
 
-def _exchange(live: torch.Tensor, staged: torch.Tensor, moved: set[int]) -> None:
-    if id(staged) not in moved and staged is not live:
+def _move(live: torch.Tensor, staged: torch.Tensor, moved: set[int], exchange: bool) -> None:
+    if id(staged) in moved or staged is live:
+        return
+    if exchange:
         live.data, staged.data = staged.data, live.data
-        moved.add(id(staged))
+    else:
+        live.data = staged.data
+    moved.add(id(staged))
 
 
 def _references(value: Any) -> list[Any]:
