@@ -9,8 +9,7 @@ swapped between two engine steps by the engine core, no pause,
 copy plan recorded from a first, unmeasured update instead of running vLLM's
 ``load_weights``; ``overlapped, kept copy``: loading into the stage the
 previous (unmeasured) update swapped out and kept, ``weight_staging_keep``
-(also with the copy plan);
-``in_pause``: everything inside the pause) it runs
+(also with the copy plan); ``in_pause``: everything inside the pause) it runs
 ``--updates`` full updates, alternating the order of modes, each after a
 quiet window of ``--quiet`` seconds, and reports medians of:
 
@@ -476,7 +475,8 @@ def main() -> None:
             + (f"{med(rs, 'load') * 1e3:.0f} |" if mode.startswith("overlapped") else "- |"))
     lines = [machine.header("Weight updates of SmolLM2-135M on CPU under load: overlapped "
                             "staging vs in the pause", load_before),
-             f"SmolLM2-135M bf16 ({'eager' if args.eager else 'torch.compile'}): {nbytes / 2**20:.1f} MiB; memcpy of the same bytes: "
+             f"SmolLM2-135M bf16 ({'eager' if args.eager else 'torch.compile'}): "
+             f"{nbytes / 2**20:.1f} MiB; memcpy of the same bytes: "
              f"{copy_s * 1e3:.1f} ms (median of 10, this run); torch {torch.__version__}; "
              f"{args.streams} streaming requests decoding throughout; {args.updates} updates "
              f"per source and mode, modes alternated, {args.quiet:.0f} s quiet before each; "
@@ -497,8 +497,9 @@ def main() -> None:
              f"between two steps); "
              f"x = ratio to the memcpy; staging thread loading = its time reading or "
              f"receiving the bytes and loading them into the shadow (vLLM's load_weights, "
-             f"or replaying the copy plan); kept copy: the stage of the previous, unmeasured "
-             f"update, held between updates (not in the peak extra memory); broadcast in chunks of {args.chunk_mb} MiB; "
+             f"or replaying the copy plan); kept copy: the stage of the previous, "
+             f"unmeasured update, held between updates (not in the peak extra memory); "
+             f"broadcast in chunks of {args.chunk_mb} MiB; "
              + (f"front end, engine core and trainer pinned to CPU(s) {sorted(args.spare)}, "
                 f"off the worker's compute CPU(s) (`--pin`)." if args.spare else
                 "front end, engine core and trainer not pinned (`--no-pin`)."), "",

@@ -61,7 +61,8 @@ class RLCompatConfig:
         "live weights while the engine keeps decoding, then swaps pointers between "
         "two engine steps (on an `AsyncLLM` without a pause; an offline `LLM` pauses "
         "for the swap) (one extra copy of the weights, until the swap or, with "
-        "`weight_staging_keep`, between updates too; refused when it does not fit); `in_pause` does all of it inside the pause (nothing held "
+        "`weight_staging_keep`, between updates too; refused when it does not "
+        "fit); `in_pause` does all of it inside the pause (nothing held "
         "while decoding); "
         "`auto`: overlapped where the model and memory allow (CPU, unquantized), "
         "else in the pause.", WEIGHT_STAGING_MODES)

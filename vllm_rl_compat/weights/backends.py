@@ -154,8 +154,7 @@ class RLCompatWeightTransferEngine(
         self._job: Any = None  # weights.staging.StagingJob, made on first use
         self._plan: Any = None  # CopyPlan once recorded, or why it cannot be
         self._kept: Any = None  # StagedWeights of the last swap (weight_staging_keep)
-        self._keep_refused: str | None = None  # why this model's stage cannot be kept
-        self._keep_checked = False
+        self._keepable: bool | None = None  # this model's stage can be kept (None: unchecked)
 
     @property
     def spec(self) -> Any:
@@ -363,12 +362,12 @@ class RLCompatWeightTransferEngine(
             return
         self.spec.validate(overlap.entries)
         overlap.stage.prepare()
-        if overlap.keep and not self._keep_checked:  # once: the model's processing
-            self._keep_refused = overlap.stage.captured_by_derived_state()
-            self._keep_checked = True
-            if self._keep_refused is not None:
+        if overlap.keep and self._keepable is None:  # once: the model's processing
+            refused = overlap.stage.captured_by_derived_state()
+            self._keepable = refused is None
+            if refused is not None:
                 logger.info("weight_staging_keep does not apply to this model, its "
-                            "staging copy is freed at each swap: %s", self._keep_refused)
+                            "staging copy is freed at each swap: %s", refused)
         overlap.prepared = True
         if overlap.recorder is not None:
             self._plan = overlap.recorder.finish()
@@ -397,7 +396,7 @@ class RLCompatWeightTransferEngine(
         if self._job is not None and not self._job.done():
             raise RuntimeError("the staging thread has not finished")
         overlap, self._overlap = self._overlap, None
-        keep = overlap.keep and self._keep_checked and self._keep_refused is None
+        keep = overlap.keep and bool(self._keepable)
         overlap.stage.swap(exchange=keep)
         if keep:
             self._kept = overlap.stage

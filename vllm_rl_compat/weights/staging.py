@@ -159,16 +159,23 @@ class StagedWeights:
                     current = live._parameters.get(name)
                     if staged is not None and current is not None:
                         _move(current, staged, moved, exchange)
-                for key, value in shadow.__dict__.items():
-                    current = live.__dict__.get(key)
-                    if key in _TREE_KEYS or current is value:
-                        continue
-                    if isinstance(value, torch.Tensor) and isinstance(current, torch.Tensor):
-                        _move(current, value, moved, exchange)
-                    else:
-                        live.__dict__[key] = value
+            for live, key, current, value in self._rebuilt():
+                if isinstance(value, torch.Tensor) and isinstance(current, torch.Tensor):
+                    _move(current, value, moved, exchange)
+                else:
+                    live.__dict__[key] = value
         self.prepared = False
         return len(self.pairs)
+
+    def _rebuilt(self) -> Iterator[tuple[torch.nn.Module, str, Any, Any]]:
+        """``(live, key, live value, shadow value)`` of every attribute (not the
+        module tree) where the shadow differs from its live module: what
+        processing rebuilt, and the fp32 head's tensor."""
+        for live, shadow in self.pairs:
+            for key, value in shadow.__dict__.items():
+                current = live.__dict__.get(key)
+                if key not in _TREE_KEYS and current is not value:
+                    yield live, key, current, value
 
     def reuse(self) -> None:
         """Ready a kept stage for the next update: nothing prepared, no packed
@@ -177,7 +184,6 @@ class StagedWeights:
             filling.param.data, filling.loaded = torch.empty(0, dtype=filling.param.dtype), 0
         for entry in self.packed:
             entry.done = False
-        self.prepared = False
 
     def held_bytes(self) -> int:
         """Memory the stage holds between updates (its parameters' storage)."""
@@ -190,12 +196,9 @@ class StagedWeights:
         update is loaded into; one built from the *storage* (a packed handle,
         a packed copy) moves with it and is safe."""
         shadows = {id(s) for _, s in self.pairs} | {id(p) for p in self.slots}
-        for live, shadow in self.pairs:
-            for key, value in shadow.__dict__.items():
-                if key in _TREE_KEYS or live.__dict__.get(key) is value:
-                    continue
-                if any(id(ref) in shadows for ref in _references(value)):
-                    return f"{type(live).__name__}.{key} refers to a staged module or parameter"
+        for live, key, _, value in self._rebuilt():
+            if any(id(ref) in shadows for ref in _references(value)):
+                return f"{type(live).__name__}.{key} refers to a staged module or parameter"
         return None
 
 

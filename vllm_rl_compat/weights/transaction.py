@@ -109,8 +109,9 @@ class Transaction:
         yield self._rpc(txn, "shutdown")
 
     def start(self, staging: dict[str, Any] | None = None) -> Steps:
-        """``staging``: ``{"staging": auto|overlapped|in_pause, "max_gib",
-        "keep", "allow_fast", "copy_plan"}`` (``native.staging_options``); ``None``: in the pause."""
+        """``staging``: ``{"staging": auto|overlapped|in_pause, "max_gib", "keep",
+        "allow_fast", "copy_plan"}`` (``native.staging_options``); ``None``: in
+        the pause."""
         staging = staging or {"staging": "in_pause"}
         self._open("start_weight_update")
         try:
