@@ -15,9 +15,10 @@ quiet window of ``--quiet`` seconds, and reports medians of:
 
 * stall: the largest excess of a gap between two consecutive engine steps
   during the update (the worker's step clock, ``weights.step_clock``) over
-  the median gap of steps of the same kind in the quiet windows around the
-  updates so far: what the update cost the engine; beside it the same
-  measure of the quiet window alone (noise). Two kinds, because the load
+  the median gap of steps of the same kind around this update (its quiet
+  window before, ``--quiet`` seconds after: a baseline of its own, so the
+  machine's drift over minutes does not count): what the update cost the
+  engine; beside it the same measure of the quiet window alone (noise). Two kinds, because the load
   replaces each finished request at once and a step that prefills one runs
   about a quarter longer by itself, update or not. Split into the wait
   before the step and the step's run, and the run into the engine thread's
@@ -196,7 +197,7 @@ class Stall:
     """What an update cost the engine, from its step clock (``(start, end,
     new requests)`` of every step): the largest excess of a gap between two
     step ends touching the update over the median gap of steps of its kind
-    (decode only, or prefilling new requests) outside updates, split into the
+    (decode only, or prefilling new requests) around it, split into the
     two parts of that gap -- the wait before the step (engine core, front
     end, the pause) and the step's own run (the worker's model, slowed by
     work beside it), the run split again into the engine thread's time on
@@ -249,24 +250,32 @@ def _blocked(r: Row) -> float:
 
 
 def stall(spans: list[list[float]], quiet: tuple[float, float], window: tuple[float, float],
-          after: float, history: list[Row]) -> Stall:
+          after: float, history: list[list[Row]]) -> Stall:
     """``spans``: the step clock since the start of ``quiet``; ``window``: the
-    update call; ``after``: seconds of steps after it, added with the quiet
-    window's to ``history`` (every update's so far), which gives the medians.
-    Each step is compared with steps of its own kind: one that prefills new
-    requests (the load replaces finished ones) is slower by itself."""
+    update call; ``after``: seconds of steps after it. The steps of the quiet
+    window and of the ``after`` seconds are this update's own baseline (added
+    to ``history``, one list per update): each step is compared with the
+    median of the steps of its own kind around it, so a drift of the machine's
+    speed over minutes (this VM's steps drift by 15 %) is not read as a stall.
+    Kinds: a step that prefills new requests (the load replaces finished
+    ones) is slower by itself; when none ran around this update, steps of
+    that kind around earlier updates are used."""
     rows: list[Row] = [(a[1], b[0], b[1], b[2], b[3], b[4]) for a, b in zip(spans, spans[1:])]
     quiet_rows = [r for r in rows if quiet[0] <= r[0] and r[2] <= quiet[1]]
-    history += quiet_rows + [r for r in rows if window[1] <= r[0] and r[2] <= window[1] + after]
+    local = quiet_rows + [r for r in rows if window[1] <= r[0] and r[2] <= window[1] + after]
+    history.append(local)
+    earlier = [r for rs in history for r in rs]
 
     def excess(r: Row, part: Callable[[Row], float]) -> float:
-        same = [part(h) for h in history if (h[3] > 0) == (r[3] > 0)]
-        base = same or [part(h) for h in history if not h[3]] or [part(r)]  # none yet: 0
-        return part(r) - statistics.median(base)
+        for pool in (local, earlier):
+            same = [part(h) for h in pool if (h[3] > 0) == (r[3] > 0)]
+            if same:
+                return part(r) - statistics.median(same)
+        return 0.0
 
     during = [r for r in rows if r[2] >= window[0] and r[0] <= window[1]]
     worst = max(during, key=lambda r: excess(r, _gap), default=None)
-    decode = statistics.median([_gap(h) for h in history if not h[3]] or [0.0])
+    decode = statistics.median([_gap(h) for h in local if not h[3]] or [0.0])
     parts = {name: excess(worst, part) if worst else 0.0 for name, part in (
         ("stall", _gap), ("wait", _wait), ("run", _run), ("on_cpu", _on_cpu),
         ("off_cpu", _off_cpu))}
@@ -277,24 +286,32 @@ def stall(spans: list[list[float]], quiet: tuple[float, float], window: tuple[fl
                  new=[r[3] for r in during])
 
 
-def quiet_spread(history: list[Row], after: float) -> str:
-    """How much decode steps outside updates vary: the floor under any stall."""
-    decode = [r for r in history if not r[3]]
-    if len(decode) < 2:
+def quiet_spread(history: list[list[Row]], after: float) -> str:
+    """How much decode steps outside updates vary around their own update's
+    median: the floor under any stall."""
+    excess, off = [], []
+    for local in history:
+        decode = [r for r in local if not r[3]]
+        if len(decode) >= 2:
+            gap0 = statistics.median(map(_gap, decode))
+            off0 = statistics.median(map(_off_cpu, decode))
+            excess += [_gap(r) - gap0 for r in decode]
+            off += [_off_cpu(r) - off0 for r in decode]
+    if len(excess) < 2:
         return "Too few decode steps outside updates to tell their spread."
-    gap0, off0 = statistics.median(map(_gap, decode)), statistics.median(map(_off_cpu, decode))
-    excess = sorted(_gap(r) - gap0 for r in decode)
-    off = sorted(_off_cpu(r) - off0 for r in decode)
+    excess.sort()
+    off.sort()
     p90 = lambda xs: xs[min(len(xs) - 1, int(0.9 * len(xs)))]  # noqa: E731
-    return (f"Decode steps outside updates ({len(decode)}: the quiet windows and the "
-            f"{after:.0f} s after each update), excess over their median gap: 90th "
-            f"percentile {p90(excess) * 1e3:.0f} ms, largest {excess[-1] * 1e3:.0f} ms; "
-            f"of their run off the CPU: 90th percentile {p90(off) * 1e3:.0f} ms, largest "
-            f"{off[-1] * 1e3:.0f} ms. A stall below these cannot be told from a quiet step.")
+    return (f"Decode steps outside updates ({len(excess)}: the quiet windows and the "
+            f"{after:.0f} s after each update), excess over the median gap around their "
+            f"own update: 90th percentile {p90(excess) * 1e3:.0f} ms, largest "
+            f"{excess[-1] * 1e3:.0f} ms; of their run off the CPU: 90th percentile "
+            f"{p90(off) * 1e3:.0f} ms, largest {off[-1] * 1e3:.0f} ms. A stall below these "
+            f"cannot be told from a quiet step.")
 
 
 async def one_update(sync, engine, load: Load, source: str, mode: str, model: str,
-                     state: dict, args, history: list[Row]) -> dict:
+                     state: dict, args, history: list[list[Row]]) -> dict:
     os.environ.update(zip(MODE_ENV, MODES[mode]))
     if os.environ["VLLM_RL_COMPAT_WEIGHT_STAGING_KEEP"] == "1":
         await sync.update_from_tensors(state)  # not measured: leaves the stage to re-use
@@ -392,7 +409,8 @@ async def start_trainer(sync, model: str, args) -> subprocess.Popen:
     return trainer
 
 
-async def run(args, model: str, state: dict) -> tuple[list[tuple], int, list[Row]]:
+async def run(args, model: str, state: dict
+              ) -> tuple[list[tuple], int, list[list[Row]]]:
     from vllm.engine.arg_utils import AsyncEngineArgs
     from vllm.v1.engine.async_llm import AsyncLLM
 
@@ -410,7 +428,7 @@ async def run(args, model: str, state: dict) -> tuple[list[tuple], int, list[Row
             await asyncio.sleep(0.1)
         await asyncio.sleep(args.quiet)  # all streams decoding
         # Not measured: the first update with the copy plan records it.
-        history: list[Row] = []  # steps outside updates, for the medians
+        history: list[list[Row]] = []  # steps outside each update: its baseline
         await one_update(sync, engine, load, "tensors", "overlapped, copy plan", model,
                          state, args, history)
         results: dict[tuple[str, str], list[dict]] = {}
@@ -481,9 +499,9 @@ def main() -> None:
              f"{args.streams} streaming requests decoding throughout; {args.updates} updates "
              f"per source and mode, modes alternated, {args.quiet:.0f} s quiet before each; "
              f"medians. Stall = largest excess of a gap between two engine steps during the "
-             f"update over the median gap of its kind (decode only: "
+             f"update over the median gap of its kind (decode only: a median "
              f"{statistics.median(steps) * 1e3:.0f} ms here; or prefilling new requests) "
-             f"in the {args.quiet:.0f} s quiet windows around the updates so far; "
+             f"in the {args.quiet:.0f} s quiet windows before and after that update; "
              f"wait / run = the parts "
              f"of that longest gap: the wait before the step (engine core, front end, "
              f"pause) and the step's own run in the worker, each minus its median; "
