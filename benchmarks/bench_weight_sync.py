@@ -41,6 +41,10 @@ quiet window of ``--quiet`` seconds, and reports medians of:
   first one's and show less; a kept copy is held before the update starts);
 
 each time also as a ratio to a memcpy of the same bytes in the same run.
+A control row (source ``control``) measures the same with no update: another
+process, pinned where the staging thread runs, copies the weights' bytes for
+``--control-ms``; what work beside the step costs it when no GIL is shared
+(on a VM, also the host's answer to a second busy vCPU).
 The mode is chosen per update with ``VLLM_RL_COMPAT_WEIGHT_STAGING`` and
 ``VLLM_RL_COMPAT_COPY_PLAN`` (read by the front end at each update), so all
 modes share one engine and its load.
@@ -89,6 +93,20 @@ MODES = {"overlapped": ("overlapped", "0", "0", "load_weights"),
          "in_pause": ("in_pause", "0", "0", None)}
 MODE_ENV = ("VLLM_RL_COMPAT_WEIGHT_STAGING", "VLLM_RL_COMPAT_COPY_PLAN",
             "VLLM_RL_COMPAT_WEIGHT_STAGING_KEEP")
+# The control row (``--sources ...,control``): no update; another process,
+# pinned where the staging thread runs, copies the weights' bytes for
+# ``--control-ms``. What work beside the step costs it when no GIL is shared.
+CONTROL_MODE = "no update, another process copying on the spare CPU"
+CONTROL = """import sys, time, torch
+torch.set_num_threads(1)
+a = torch.ones(int(sys.argv[1]), dtype=torch.uint8)
+b = torch.empty_like(a).fill_(0)
+print("ready", flush=True)
+sys.stdin.readline()
+end = time.perf_counter() + float(sys.argv[2])
+while time.perf_counter() < end:
+    b.copy_(a)
+"""
 
 
 def memcpy_seconds(nbytes: int, repeats: int = 10) -> float:
@@ -312,12 +330,15 @@ def quiet_spread(history: list[list[Row]], after: float) -> str:
 
 async def one_update(sync, engine, load: Load, source: str, mode: str, model: str,
                      state: dict, args, history: list[list[Row]]) -> dict:
-    os.environ.update(zip(MODE_ENV, MODES[mode]))
-    if os.environ["VLLM_RL_COMPAT_WEIGHT_STAGING_KEEP"] == "1":
+    if source != "control":
+        os.environ.update(zip(MODE_ENV, MODES[mode]))
+    if source != "control" and os.environ["VLLM_RL_COMPAT_WEIGHT_STAGING_KEEP"] == "1":
         await sync.update_from_tensors(state)  # not measured: leaves the stage to re-use
-    trainer = None
+    trainer = copier = None
     if source == "broadcast":
         trainer = await start_trainer(sync, model, args)
+    elif source == "control":
+        copier = await start_copier(sync.spec.total_bytes, args)
     quiet0 = time.monotonic()
     await asyncio.sleep(args.quiet)
     t0 = time.monotonic()
@@ -327,6 +348,9 @@ async def one_update(sync, engine, load: Load, source: str, mode: str, model: st
             await sync.update_from_tensors(state)
         elif source == "files":
             await sync.update_from_files(model)
+        elif copier is not None:
+            copier.stdin.write(b"go\n")
+            await copier.wait()
         else:
             await sync.update_from_trainer()
         t1 = time.monotonic()
@@ -341,7 +365,7 @@ async def one_update(sync, engine, load: Load, source: str, mode: str, model: st
     return {"stall": cost.stall, "wait": cost.wait, "run": cost.run, "on_cpu": cost.on_cpu,
             "off_cpu": cost.off_cpu, "off_total": cost.off_total, "blocked": cost.blocked,
             "step": cost.step,
-            "noise": cost.noise, "pause": sync.last_pause_seconds,
+            "noise": cost.noise, "pause": 0.0 if copier else sync.last_pause_seconds,
             "e2e": t1 - t0, "tps_update": load.tok_per_s(t0, t1),
             "tps_quiet": load.tok_per_s(t0 - (t1 - t0), t0) if t1 - t0 < args.quiet
             else load.tok_per_s(quiet0, t0),
@@ -390,6 +414,18 @@ def keep_off_compute(args) -> set[int] | None:
     return spare
 
 
+async def start_copier(nbytes: int, args) -> asyncio.subprocess.Process:
+    """The control's copying process, started and ready (pinned like the
+    staging thread: off the worker's compute CPUs)."""
+    copier = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", CONTROL, str(nbytes), str(args.control_ms / 1e3),
+        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
+    if args.spare:
+        pin_off_compute([copier.pid], args.spare)
+    await copier.stdout.readline()
+    return copier
+
+
 async def start_trainer(sync, model: str, args) -> subprocess.Popen:
     """A trainer process, connected (its start-up is not part of the update)."""
     from vllm_rl_compat.weights.broadcast import new_secret
@@ -434,10 +470,12 @@ async def run(args, model: str, state: dict
         results: dict[tuple[str, str], list[dict]] = {}
         for source in args.sources.split(","):
             for k in range(args.updates):
-                for mode in (list(MODES) if k % 2 == 0 else list(MODES)[::-1]):
+                modes = list(MODES) if source != "control" else [CONTROL_MODE]
+                for mode in (modes if k % 2 == 0 else modes[::-1]):
                     r = await one_update(sync, engine, load, source, mode, model, state, args,
                                          history)
-                    check_path(source, mode, r)
+                    if source != "control":
+                        check_path(source, mode, r)
                     results.setdefault((source, mode), []).append(r)
                     print(source, mode, r, flush=True)
         load.running = False
@@ -455,7 +493,9 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=448)
     ap.add_argument("--quiet", type=float, default=2.0,
                     help="seconds without an update before each one")
-    ap.add_argument("--sources", default="tensors,files,broadcast")
+    ap.add_argument("--sources", default="tensors,files,broadcast,control")
+    ap.add_argument("--control-ms", type=float, default=250.0,
+                    help="how long the control row's other process copies")
     ap.add_argument("--chunk-mb", type=int, default=64)
     ap.add_argument("--pin", action=argparse.BooleanOptionalAction, default=True,
                     help="keep the front end, engine core and trainer off the "
@@ -517,7 +557,10 @@ def main() -> None:
              f"receiving the bytes and loading them into the shadow (vLLM's load_weights, "
              f"or replaying the copy plan); kept copy: the stage of the previous, "
              f"unmeasured update, held between updates (not in the peak extra memory); "
-             f"broadcast in chunks of {args.chunk_mb} MiB; "
+             f"broadcast in chunks of {args.chunk_mb} MiB; control: no update, another "
+             f"process on the spare CPU(s) copies the weights' bytes for "
+             f"{args.control_ms:.0f} ms (end-to-end: its run), what work beside the step "
+             f"costs it with no GIL shared; "
              + (f"front end, engine core and trainer pinned to CPU(s) {sorted(args.spare)}, "
                 f"off the worker's compute CPU(s) (`--pin`)." if args.spare else
                 "front end, engine core and trainer not pinned (`--no-pin`)."), "",
