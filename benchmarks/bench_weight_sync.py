@@ -41,10 +41,11 @@ quiet window of ``--quiet`` seconds, and reports medians of:
   first one's and show less; a kept copy is held before the update starts);
 
 each time also as a ratio to a memcpy of the same bytes in the same run.
-A control row (source ``control``) measures the same with no update: another
-process, pinned where the staging thread runs, copies the weights' bytes for
-``--control-ms``; what work beside the step costs it when no GIL is shared
-(on a VM, also the host's answer to a second busy vCPU).
+Two control rows (source ``control``) measure the same with no update:
+another process, pinned where the staging thread runs, copies the weights'
+bytes, or spins in Python (no memory traffic), for ``--control-ms``; what
+work beside the step costs it when no GIL is shared (on a VM, also the
+host's answer to a second busy vCPU).
 The mode is chosen per update with ``VLLM_RL_COMPAT_WEIGHT_STAGING`` and
 ``VLLM_RL_COMPAT_COPY_PLAN`` (read by the front end at each update), so all
 modes share one engine and its load.
@@ -93,10 +94,12 @@ MODES = {"overlapped": ("overlapped", "0", "0", "load_weights"),
          "in_pause": ("in_pause", "0", "0", None)}
 MODE_ENV = ("VLLM_RL_COMPAT_WEIGHT_STAGING", "VLLM_RL_COMPAT_COPY_PLAN",
             "VLLM_RL_COMPAT_WEIGHT_STAGING_KEEP")
-# The control row (``--sources ...,control``): no update; another process,
-# pinned where the staging thread runs, copies the weights' bytes for
-# ``--control-ms``. What work beside the step costs it when no GIL is shared.
-CONTROL_MODE = "no update, another process copying on the spare CPU"
+# The control rows (``--sources ...,control``): no update; another process,
+# pinned where the staging thread runs, works for ``--control-ms``: copying
+# the weights' bytes (memory traffic), or spinning in Python (none). What
+# work beside the step costs it when no GIL is shared.
+CONTROL_MODES = {"no update, another process copying on the spare CPU": "b.copy_(a)",
+                 "no update, another process spinning on the spare CPU": "sum(range(1000))"}
 CONTROL = """import sys, time, torch
 torch.set_num_threads(1)
 a = torch.ones(int(sys.argv[1]), dtype=torch.uint8)
@@ -105,7 +108,7 @@ print("ready", flush=True)
 sys.stdin.readline()
 end = time.perf_counter() + float(sys.argv[2])
 while time.perf_counter() < end:
-    b.copy_(a)
+    {work}
 """
 
 
@@ -338,7 +341,7 @@ async def one_update(sync, engine, load: Load, source: str, mode: str, model: st
     if source == "broadcast":
         trainer = await start_trainer(sync, model, args)
     elif source == "control":
-        copier = await start_copier(sync.spec.total_bytes, args)
+        copier = await start_copier(sync.spec.total_bytes, CONTROL_MODES[mode], args)
     quiet0 = time.monotonic()
     await asyncio.sleep(args.quiet)
     t0 = time.monotonic()
@@ -414,11 +417,12 @@ def keep_off_compute(args) -> set[int] | None:
     return spare
 
 
-async def start_copier(nbytes: int, args) -> asyncio.subprocess.Process:
-    """The control's copying process, started and ready (pinned like the
-    staging thread: off the worker's compute CPUs)."""
+async def start_copier(nbytes: int, work: str, args) -> asyncio.subprocess.Process:
+    """The control's process, started and ready (pinned like the staging
+    thread: off the worker's compute CPUs)."""
     copier = await asyncio.create_subprocess_exec(
-        sys.executable, "-c", CONTROL, str(nbytes), str(args.control_ms / 1e3),
+        sys.executable, "-c", CONTROL.format(work=work), str(nbytes),
+        str(args.control_ms / 1e3),
         stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
     if args.spare:
         pin_off_compute([copier.pid], args.spare)
@@ -470,7 +474,7 @@ async def run(args, model: str, state: dict
         results: dict[tuple[str, str], list[dict]] = {}
         for source in args.sources.split(","):
             for k in range(args.updates):
-                modes = list(MODES) if source != "control" else [CONTROL_MODE]
+                modes = list(MODES if source != "control" else CONTROL_MODES)
                 for mode in (modes if k % 2 == 0 else modes[::-1]):
                     r = await one_update(sync, engine, load, source, mode, model, state, args,
                                          history)
@@ -495,7 +499,7 @@ def main() -> None:
                     help="seconds without an update before each one")
     ap.add_argument("--sources", default="tensors,files,broadcast,control")
     ap.add_argument("--control-ms", type=float, default=250.0,
-                    help="how long the control row's other process copies")
+                    help="how long the control rows' other process works")
     ap.add_argument("--chunk-mb", type=int, default=64)
     ap.add_argument("--pin", action=argparse.BooleanOptionalAction, default=True,
                     help="keep the front end, engine core and trainer off the "
@@ -558,9 +562,9 @@ def main() -> None:
              f"or replaying the copy plan); kept copy: the stage of the previous, "
              f"unmeasured update, held between updates (not in the peak extra memory); "
              f"broadcast in chunks of {args.chunk_mb} MiB; control: no update, another "
-             f"process on the spare CPU(s) copies the weights' bytes for "
-             f"{args.control_ms:.0f} ms (end-to-end: its run), what work beside the step "
-             f"costs it with no GIL shared; "
+             f"process on the spare CPU(s) copies the weights' bytes (or spins in Python, "
+             f"no memory traffic) for {args.control_ms:.0f} ms (end-to-end: its run), what "
+             f"work beside the step costs it with no GIL shared; "
              + (f"front end, engine core and trainer pinned to CPU(s) {sorted(args.spare)}, "
                 f"off the worker's compute CPU(s) (`--pin`)." if args.spare else
                 "front end, engine core and trainer not pinned (`--no-pin`)."), "",
