@@ -337,11 +337,11 @@ async def one_update(sync, engine, load: Load, source: str, mode: str, model: st
         os.environ.update(zip(MODE_ENV, MODES[mode]))
     if source != "control" and os.environ["VLLM_RL_COMPAT_WEIGHT_STAGING_KEEP"] == "1":
         await sync.update_from_tensors(state)  # not measured: leaves the stage to re-use
-    trainer = copier = None
+    trainer = neighbour = None
     if source == "broadcast":
         trainer = await start_trainer(sync, model, args)
     elif source == "control":
-        copier = await start_copier(sync.spec.total_bytes, CONTROL_MODES[mode], args)
+        neighbour = await start_neighbour(sync.spec.total_bytes, CONTROL_MODES[mode], args)
     quiet0 = time.monotonic()
     await asyncio.sleep(args.quiet)
     t0 = time.monotonic()
@@ -351,9 +351,9 @@ async def one_update(sync, engine, load: Load, source: str, mode: str, model: st
             await sync.update_from_tensors(state)
         elif source == "files":
             await sync.update_from_files(model)
-        elif copier is not None:
-            copier.stdin.write(b"go\n")
-            await copier.wait()
+        elif neighbour is not None:
+            neighbour.stdin.write(b"go\n")
+            await neighbour.wait()
         else:
             await sync.update_from_trainer()
         t1 = time.monotonic()
@@ -368,7 +368,7 @@ async def one_update(sync, engine, load: Load, source: str, mode: str, model: st
     return {"stall": cost.stall, "wait": cost.wait, "run": cost.run, "on_cpu": cost.on_cpu,
             "off_cpu": cost.off_cpu, "off_total": cost.off_total, "blocked": cost.blocked,
             "step": cost.step,
-            "noise": cost.noise, "pause": 0.0 if copier else sync.last_pause_seconds,
+            "noise": cost.noise, "pause": 0.0 if neighbour else sync.last_pause_seconds,
             "e2e": t1 - t0, "tps_update": load.tok_per_s(t0, t1),
             "tps_quiet": load.tok_per_s(t0 - (t1 - t0), t0) if t1 - t0 < args.quiet
             else load.tok_per_s(quiet0, t0),
@@ -417,17 +417,17 @@ def keep_off_compute(args) -> set[int] | None:
     return spare
 
 
-async def start_copier(nbytes: int, work: str, args) -> asyncio.subprocess.Process:
+async def start_neighbour(nbytes: int, work: str, args) -> asyncio.subprocess.Process:
     """The control's process, started and ready (pinned like the staging
     thread: off the worker's compute CPUs)."""
-    copier = await asyncio.create_subprocess_exec(
+    neighbour = await asyncio.create_subprocess_exec(
         sys.executable, "-c", CONTROL.format(work=work), str(nbytes),
         str(args.control_ms / 1e3),
         stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
     if args.spare:
-        pin_off_compute([copier.pid], args.spare)
-    await copier.stdout.readline()
-    return copier
+        pin_off_compute([neighbour.pid], args.spare)
+    await neighbour.stdout.readline()
+    return neighbour
 
 
 async def start_trainer(sync, model: str, args) -> subprocess.Popen:
