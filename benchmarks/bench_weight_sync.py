@@ -285,10 +285,10 @@ def stall(spans: list[list[float]], quiet: tuple[float, float], window: tuple[fl
     quiet_rows = [r for r in rows if quiet[0] <= r[0] and r[2] <= quiet[1]]
     local = quiet_rows + [r for r in rows if window[1] <= r[0] and r[2] <= window[1] + after]
     history.append(local)
-    earlier = [r for rs in history for r in rs]
+    so_far = [r for rs in history for r in rs]  # every update's, this one's included
 
     def excess(r: Row, part: Callable[[Row], float]) -> float:
-        for pool in (local, earlier):
+        for pool in (local, so_far):
             same = [part(h) for h in pool if (h[3] > 0) == (r[3] > 0)]
             if same:
                 return part(r) - statistics.median(same)
@@ -335,8 +335,8 @@ async def one_update(sync, engine, load: Load, source: str, mode: str, model: st
                      state: dict, args, history: list[list[Row]]) -> dict:
     if source != "control":
         os.environ.update(zip(MODE_ENV, MODES[mode]))
-    if source != "control" and os.environ["VLLM_RL_COMPAT_WEIGHT_STAGING_KEEP"] == "1":
-        await sync.update_from_tensors(state)  # not measured: leaves the stage to re-use
+        if os.environ["VLLM_RL_COMPAT_WEIGHT_STAGING_KEEP"] == "1":
+            await sync.update_from_tensors(state)  # not measured: leaves the stage to re-use
     trainer = neighbour = None
     if source == "broadcast":
         trainer = await start_trainer(sync, model, args)
