@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import re
 from pathlib import Path
 
 import pytest
@@ -180,6 +181,12 @@ def test_info_command(capsys) -> None:
         line = next(ln for ln in out.splitlines() if ln.startswith(f"CPU fp32 head kernel {route} "))
         assert (": ready (" in line) == expected, line
         assert expected or ": unavailable: " in line, line
+    # the CPU weight layout of each linear kind, per dtype (weights.cpu_layout)
+    for dtype in ("bfloat16", "float32"):
+        line = next(ln for ln in out.splitlines() if ln.startswith(f"  {dtype}: "))
+        for kind in ("qkv_proj", "o_proj", "gate_up_proj", "down_proj"):
+            assert re.search(rf"{kind} (onednn|sgl|F\.linear|zentorch|other)\b", line), line
+        assert "-> weight updates: " in line, line
 
 
 def test_head_dtype_conflict_fails_before_any_change(tiny_model) -> None:

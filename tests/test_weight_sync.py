@@ -408,7 +408,8 @@ def test_broadcast_update_and_faults(untied):
 
 
 @pytest.mark.engine
-def test_tied_model_dtype_head_follows_update(tiny_model, monkeypatch):
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])  # fp32: packed linears anywhere
+def test_tied_model_dtype_head_follows_update(tiny_model, monkeypatch, dtype):
     """Tied embeddings. With the fp32 head off the logits come from vLLM's
     packed lm_head, which a tied model shares with the embedding: both apply
     paths must rebuild it (the fp32 head reads the embedding itself, so this
@@ -416,7 +417,7 @@ def test_tied_model_dtype_head_follows_update(tiny_model, monkeypatch):
     (layerwise, back to its own start-up logprobs), A -> B (layerwise); the
     apply path is chosen at each update. Then two overlapped updates with the
     staging copy kept (the tied parameter is exchanged once, not twice)."""
-    off = {"additional_config": {"rl_compat": {"fp32_head": "off"}}, **EAGER}
+    off = {"additional_config": {"rl_compat": {"fp32_head": "off"}}, "dtype": dtype, **EAGER}
     a, b = tiny_model("llama-tied", 0), tiny_model("llama-tied", 1)
     ref_b = fresh_logprobs(b, **off)
     eng = make_llm(a, **off)

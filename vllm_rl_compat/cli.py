@@ -28,7 +28,7 @@ def _version(dist: str) -> str:
         return "not installed"
 
 
-def info_lines() -> list[str]:
+def info_lines(model: str | None = None) -> list[str]:
     from vllm_rl_compat.config import RLCompatConfig
     from vllm_rl_compat.engine_settings import enforced
 
@@ -57,6 +57,41 @@ def info_lines() -> list[str]:
 
     lines += [f"CPU fp32 head kernel {route} ({needs}): {_cpu_kernel_state(route)}"
               for route, needs in ROUTES.items()]
+    return lines + layout_lines(model)
+
+
+# SmolLM2-135M-Instruct (the report's default model), when ``info`` names none.
+_DEFAULT_SHAPES = {"hidden_size": 576, "intermediate_size": 1536,
+                   "num_attention_heads": 9, "num_key_value_heads": 3}
+
+
+def layout_lines(model: str | None) -> list[str]:
+    """How vLLM's CPU engine will lay out each linear of ``model`` (a Llama-shaped
+    HF folder; SmolLM2-135M's shapes without one), per dtype, and which weight
+    paths each layout supports (``weights.cpu_layout``)."""
+    import json
+    from pathlib import Path
+
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu():
+        return [f"weight layouts: {current_platform.device_name} engine (not a CPU "
+                f"layout); weight paths: vLLM's transfer backends, layerwise reload"]
+    import torch
+
+    from vllm_rl_compat.weights.cpu_layout import WEIGHT_PATHS, predicted_layouts
+
+    config = (json.loads((Path(model) / "config.json").read_text()) if model
+              else _DEFAULT_SHAPES)
+    isa = os.environ.get("ONEDNN_MAX_CPU_ISA")
+    lines = [f"CPU weight layouts of {model or 'SmolLM2-135M'}'s linears on this machine"
+             + (f" (ONEDNN_MAX_CPU_ISA={isa})" if isa else "") + ":"]
+    for dtype in (torch.bfloat16, torch.float32):
+        layouts = predicted_layouts(config, dtype)
+        text = ", ".join(f"{kind} {layout}" for kind, layout in layouts.items())
+        paths = "; ".join(sorted({WEIGHT_PATHS[layout] for layout in layouts.values()}))
+        lines.append(f"  {str(dtype).removeprefix('torch.')}: {text}  -> weight updates: "
+                     f"{paths}")
     return lines
 
 
@@ -72,7 +107,11 @@ def _cpu_kernel_state(route: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="vllm-rl-compat", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("info", help="versions, plugin discovery, switch state, RL settings")
+    info = sub.add_parser("info", help="versions, plugin discovery, switch state, RL settings, "
+                                       "CPU weight layouts")
+    info.add_argument("--model", metavar="DIR",
+                      help="a Llama-shaped HF model folder whose linears' CPU weight layouts "
+                           "to show (default: SmolLM2-135M's shapes)")
     contract = sub.add_parser(
         "contract", help="check every vLLM internal RL mode depends on (no engine)")
     contract.add_argument("--vllm-source", metavar="DIR",
@@ -85,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     command.add_arguments(check)
     args = parser.parse_args(argv)
     if args.command == "info":
-        print("\n".join(info_lines()))
+        print("\n".join(info_lines(args.model)))
         return 0
     if args.command == "contract":
         return run_contract(args.vllm_source, args.list)

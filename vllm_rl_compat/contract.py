@@ -149,6 +149,9 @@ ENTRIES: tuple[Entry, ...] = (
           "fast CPU apply", optional=True),
     Entry(f"{_RELOAD}.meta:CopyCounter", "import", "fast CPU apply", optional=True),
     Entry(f"{_RELOAD}.sanitize:layer_ref_sentinel", "import", "fast CPU apply", optional=True),
+    Entry(f"{_RELOAD}.layerwise:_get_original_loader", "import",
+          "fast CPU apply: a recorded weight's loader without the wrapper the layerwise "
+          "reload leaves on it", ("tensor",), optional=True),
     # check --layers (parity.capture, an opt-in diagnostic)
     Entry("vllm.v1.worker.gpu_model_runner:GPUModelRunner.execute_model", "wrap",
           "check --layers: the step's scheduler output (wrapped on one runner instance)",

@@ -373,10 +373,20 @@ def probe_head(model: torch.nn.Module, model_dtype: torch.dtype, hidden_size: in
     if sum(p.rl_apply_head_calls for p in processors) == before:
         raise RuntimeError(f"{CONFIG_KEY}.fp32_head: {type(model).__name__}.compute_logits "
                            f"did not call the fp32 head (vLLM's logits path changed)")
-    if logits is not None and (logits.dtype != torch.float32 or torch.equal(
-            logits, logits.to(model_dtype).to(torch.float32))):
+    if logits is not None and logits.dtype != torch.float32:
+        raise RuntimeError(f"{CONFIG_KEY}.fp32_head: the logits path returned "
+                           f"{logits.dtype} logits, not fp32")
+    # A 16-bit model's bypassed head gives fp32 logits that hold only 16-bit
+    # values. An fp32 model's logits always pass that test (rounding to fp32
+    # is the identity): for it the call and the fp32 dtype are the proof.
+    if logits is not None and model_dtype != torch.float32 and torch.equal(
+            logits, logits.to(model_dtype).to(torch.float32)):
         raise RuntimeError(f"{CONFIG_KEY}.fp32_head: the logits path returned "
                            f"{logits.dtype} logits rounded to {model_dtype}, not fp32")
+    if model_dtype == torch.float32:
+        logger.info("%s.fp32_head: fp32 model; start-up probe checked that the logits "
+                    "path calls the fp32 head and returns fp32 logits (the rounding "
+                    "check applies to 16-bit models only)", CONFIG_KEY)
     if device.type == "cuda":
         _precompile(model, model_dtype, {p.rl_impl for p in processors})
 

@@ -289,7 +289,7 @@ def check_internals() -> None:
     from vllm_rl_compat.contract import require
 
     require("LAYERWISE_INFO", "LayerReloadingInfo.restore_metadata", "CopyCounter",
-            "layer_ref_sentinel")
+            "layer_ref_sentinel", "_get_original_loader")
 
 
 def fast_reload_blocker(vllm_config: Any) -> str | None:
@@ -358,15 +358,28 @@ def _recorded_weight(module: torch.nn.Module) -> torch.Tensor | None:
 
 
 def _restored_attrs(meta: torch.Tensor, layer: torch.nn.Module) -> dict[str, Any]:
-    """``meta``'s attributes with loader methods re-bound to ``layer`` (vLLM stores
-    them unbound from the layer, ``reload.sanitize``)."""
+    """``meta``'s attributes with its loader methods bound to ``layer``.
+
+    vLLM stores them unbound from the layer (``reload.sanitize``). Its layerwise
+    reload then edits the recorded ``meta`` in place and leaves it so: methods
+    bound to the live layer, and ``weight_loader`` wrapped in the reload's
+    buffering loader (which would swallow our writes). So the loader is taken
+    unwrapped (vLLM's ``_get_original_loader``) and methods bound to the
+    sentinel or to a layer of this type are re-bound to ``layer`` (a shadow
+    layer in overlapped staging)."""
     from types import MethodType
 
+    from vllm.model_executor.model_loader.reload.layerwise import _get_original_loader
     from vllm.model_executor.model_loader.reload.sanitize import layer_ref_sentinel
 
+    attrs = dict(meta.__dict__)
+    for key in ("weight_loader", "_weight_loader"):  # vLLM's parameter classes: the latter
+        if key in attrs:
+            attrs[key] = _get_original_loader(meta)
     return {key: value.__func__.__get__(layer)
-            if isinstance(value, MethodType) and value.__self__ is layer_ref_sentinel
-            else value for key, value in meta.__dict__.items()}
+            if isinstance(value, MethodType) and (value.__self__ is layer_ref_sentinel
+                                                  or type(value.__self__) is type(layer))
+            else value for key, value in attrs.items()}
 
 
 def _packed_entry(module: torch.nn.Module) -> _Packed:

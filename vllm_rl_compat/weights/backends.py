@@ -231,11 +231,11 @@ class RLCompatWeightTransferEngine(
         if not keep:
             self._kept = None
         if reason is None:
-            largest = max(t.numel() * t.element_size() for t in model.parameters())
             held = self._kept.held_bytes() if self._kept is not None else 0
+            needed = max(0, self.spec.total_bytes - held)
             try:
-                staging.check_fits(
-                    staging.staging_bytes(max(0, self.spec.total_bytes - held), largest), max_gib)
+                staging.check_fits(staging.staging_bytes(needed, self.spec.largest_bytes),
+                                   max_gib)
             except staging.StagingMemoryError as exc:
                 reason = str(exc)
         if reason is not None:

@@ -74,6 +74,12 @@ class WeightSpec:
     def total_bytes(self) -> int:
         return sum(_numel(s) * d.itemsize for s, d in self.entries.values())
 
+    @property
+    def largest_bytes(self) -> int:
+        """The largest single tensor of an update (never read off the live model:
+        on CPU vLLM empties the weight of every linear it packs)."""
+        return max((_numel(s) * d.itemsize for s, d in self.entries.values()), default=0)
+
     def _dtype_ok(self, name: str, dtype: Any) -> bool:
         return dtype == self.entries[name][1] or dtype == self.checkpoint_dtypes.get(name)
 

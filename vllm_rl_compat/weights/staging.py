@@ -301,14 +301,21 @@ def _packed_param(entry: _PackedShadow) -> tuple[torch.nn.Parameter, Filling]:
 
 
 def _pack(entry: _PackedShadow) -> None:
-    """Build the shadow layer's packed handle; its unpacked copy is freed."""
+    """Build the shadow layer's packed handle; its unpacked copy is freed.
+
+    vLLM's packing replaces ``layer.weight`` with a new, empty, plain
+    ``Parameter`` (no ``weight_loader``, no stacking attributes). The staged
+    parameter -- the one the slots, fillings and copy plan know, with its
+    counting loader -- is put back, emptied, as vLLM's layerwise reload and
+    the in-pause apply do: a kept stage loads the next update through it."""
     staged = entry.layer.weight
     with unrecorded():  # vLLM's processing: a replay runs it itself
         reprocess(entry.layer)
-    if entry.layer.weight.numel() != 0:
+    if entry.layer.weight is staged:
         raise RuntimeError(f"{type(entry.layer).__name__}: vLLM kept this weight "
                            f"unpacked on reload; overlapped staging does not apply")
     staged.data = torch.empty(0, dtype=entry.meta.dtype)  # now, not at the next GC
+    entry.layer.weight = staged
     entry.done = True
 
 

@@ -1,11 +1,11 @@
 """Worker extension: the worker side of the weight-update transaction.
 
 vLLM appends this class to its worker's bases (``worker_extension_cls``).
-Only five methods are public, so dev mode's ``/collective_rpc`` (which
+Only these methods are public, so dev mode's ``/collective_rpc`` (which
 calls worker methods by name) reaches nothing else of ours:
 
-* ``rl_compat_ping``, ``rl_compat_weight_spec``, ``rl_compat_step_times`` and
-  ``rl_compat_staging`` read;
+* ``rl_compat_ping``, ``rl_compat_weight_spec``, ``rl_compat_step_times``,
+  ``rl_compat_gc_frozen``, ``rl_compat_layouts`` and ``rl_compat_staging`` read;
 * ``rl_compat_txn(txn, step, proof, info)`` runs one step of the front end's
   transaction (``weights.transaction``) after checking its proof
   (``weights.proof``) and its order: ``start`` needs a fresh transaction id,
@@ -70,6 +70,12 @@ class WeightSyncExtension:
         import gc
 
         return gc.get_freeze_count()
+
+    def rl_compat_layouts(self) -> dict[str, str]:
+        """``{linear kind: layout}`` of this worker's model (``weights.cpu_layout``)."""
+        from vllm_rl_compat.weights.cpu_layout import model_layouts
+
+        return model_layouts(self.model_runner.get_model())
 
     def rl_compat_staging(self) -> dict[str, bool]:
         """Does this worker hold staged weights or run staging work? (memory)"""
