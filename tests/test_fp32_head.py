@@ -29,6 +29,7 @@ import pytest
 import torch
 import head_probe
 from head_probe import pack, probe_install, unpack
+from conftest import shutdown_engine
 from kernel_support import expected_cpu_route
 
 from vllm_rl_compat import fp32_head
@@ -171,7 +172,7 @@ def _one_engine(llm_factory: Callable[..., Any], model: str, **kwargs: Any) -> l
     try:
         return _run_probe(llm)
     finally:
-        llm.llm_engine.engine_core.shutdown()
+        shutdown_engine(llm)
 
 
 @pytest.mark.engine
@@ -310,7 +311,7 @@ def test_fp32_weights_mode(kind: str, name: str, tmp_path: Path,
             # the fast path stages beside the live weights (a tied head's fp32 copy too)
             assert [r["overlapped"] for r in applied] == [fast_reload == "1"]
     finally:
-        llm.llm_engine.engine_core.shutdown()
+        shutdown_engine(llm)
 
 
 # ------------------------------------------------------------ decisions (no engine)

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from conftest import ENGINE_KWARGS
+from conftest import ENGINE_KWARGS, shutdown_engine
 
 pytestmark = pytest.mark.engine
 
@@ -47,7 +47,7 @@ def _engine_logprobs(model: str, sequences: list[list[int]], **kwargs: Any) -> l
         return [[entry[tok].logprob for tok, entry in zip(s[1:], o.prompt_logprobs[1:])]
                 for s, o in zip(sequences, outs)]
     finally:
-        llm.llm_engine.engine_core.shutdown()
+        shutdown_engine(llm)
 
 
 @pytest.fixture(scope="module")

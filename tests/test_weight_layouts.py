@@ -4,13 +4,15 @@ vLLM's CPU engine lays out each linear by CPU and dtype (``weights.cpu_layout``)
 packed into a oneDNN handle with ``layer.weight`` emptied (fp32 on every x86
 CPU; bf16 on AVX512-BF16 / AMX), an SGL-kernel packed copy (AMX, small bf16
 layers), or kept for ``F.linear`` (bf16 on AVX2-only CPUs, or anywhere with
-``ONEDNN_MAX_CPU_ISA=AVX2``). Each configuration below starts a real engine;
-which layout it gets is asked of the machine (vLLM's own dispatch checks, in
-a child process with the configuration's environment), and a configuration
-that gives the same dtype and layouts as an earlier one is skipped as a
-duplicate. On every configuration the same sequence runs through every apply
-path and staging mode, each update compared bit for bit with a fresh engine
-on the same weights:
+``ONEDNN_MAX_CPU_ISA=AVX2``). The machine's own bf16 layout is what
+``test_weight_sync.py`` runs everything on; each other configuration below
+starts a real engine. Which layout each gets is asked of the machine (vLLM's
+own dispatch checks, in a child process with the configuration's
+environment), and a configuration that gives the same dtype and layouts as an
+earlier one is skipped as a duplicate (``bf16-onednn-avx2`` on an AVX2-only
+CPU). On each configuration the same sequence runs through every apply path
+and staging mode, each update compared bit for bit with a fresh engine on the
+same weights:
 
 * overlapped staging with the kept copy, four updates in a row (three load
   into the stage the previous swap left), files and in-process tensors;
@@ -43,9 +45,11 @@ from test_weight_sync import (
 )
 from vllm_rl_compat.weight_sync import WeightSync, WeightUpdateError
 
-# name: (engine dtype, the engine's extra environment)
+# name: (engine dtype, the engine's extra environment). The machine's own bf16
+# layout is ``NATIVE``: ``test_weight_sync.py`` runs every path on it.
+NATIVE = "bf16"
 CONFIGS: dict[str, tuple[str, dict[str, str]]] = {
-    "bf16": ("bfloat16", {}),
+    NATIVE: ("bfloat16", {}),
     "fp32": ("float32", {}),
     "bf16-onednn-avx2": ("bfloat16", {"ONEDNN_MAX_CPU_ISA": "AVX2"}),
 }
@@ -80,7 +84,7 @@ def predictions(tiny_model) -> dict[str, dict[str, str]]:
     return out
 
 
-@pytest.fixture(scope="module", params=list(CONFIGS))
+@pytest.fixture(scope="module", params=[n for n in CONFIGS if n != NATIVE])
 def layout(request, tiny_model, predictions) -> Iterator[dict[str, Any]]:
     """An engine on model A in one configuration, with references for A and B
     from fresh engines of the same configuration."""
@@ -88,8 +92,9 @@ def layout(request, tiny_model, predictions) -> Iterator[dict[str, Any]]:
     dtype, env = CONFIGS[name]
     for other in list(CONFIGS)[: list(CONFIGS).index(name)]:
         if CONFIGS[other][0] == dtype and predictions[other] == predictions[name]:
-            pytest.skip(f"{name} gives the same layouts as {other} on this machine: "
-                        f"{predictions[name]}")
+            pytest.skip(f"{name} gives the same layouts as {other} on this machine "
+                        f"({predictions[name]}), run by "
+                        f"{'test_weight_sync.py' if other == NATIVE else other}")
     a, b = tiny_model("llama-untied", 0), tiny_model("llama-untied", 1)
     kwargs = {"dtype": dtype, **EAGER}
     with pytest.MonkeyPatch.context() as mp:  # the engine processes inherit it
