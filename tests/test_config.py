@@ -226,8 +226,8 @@ def test_default_backend_is_ours(tiny_model) -> None:
 
 
 @pytest.mark.parametrize("env_token, api_key, want", [
-    ("ctl", ["user-key"], "ctl"),      # the control token wins over the users' key
-    (None, ["user-key"], "user-key"),  # else the server's --api-key
+    ("ctl", ["user-key"], "ctl"),      # the control token, never the users' key
+    (None, ["user-key"], None),        # an inference key alone mounts nothing
     (None, None, None),                # neither: routes not mounted
 ])
 def test_control_routes_token_choice(monkeypatch, env_token, api_key, want) -> None:
@@ -256,4 +256,7 @@ def test_control_routes_token_choice(monkeypatch, env_token, api_key, want) -> N
     paths = {getattr(r, "path", None) for r in app.routes}
     assert ("/start_weight_update" in paths) == (want is not None)
     assert any("NOT mounted" in m for m in handler.messages) == (want is None)
-    assert not any(want and want in m for m in handler.messages)  # never logged
+    assert any("not a control key" in m for m in handler.messages) == (
+        want is None and api_key is not None)
+    for secret in (want, *(api_key or [])):
+        assert not any(secret and secret in m for m in handler.messages)  # never logged

@@ -178,7 +178,7 @@ def untied(tiny_model):
     """Two fresh engines: model A (seed 0) and model B (seed 1), with their
     start-up logprobs (the references) and WeightSync objects."""
     a, b = tiny_model("llama-untied", 0), tiny_model("llama-untied", 1)
-    eng_a, eng_b = make_llm(a), make_llm(b)
+    eng_a, eng_b = make_llm(a, **EAGER), make_llm(b, **EAGER)
     ctx = {"dir_a": a, "dir_b": b, "eng_a": eng_a, "eng_b": eng_b,
            "ref_a": forced_logprobs(eng_a), "ref_b": forced_logprobs(eng_b)}
     assert max_diff(ctx["ref_a"], ctx["ref_b"]) > 1.0  # the two models really differ

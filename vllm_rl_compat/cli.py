@@ -50,7 +50,8 @@ def info_lines(model: str | None = None) -> list[str]:
     lines.append(f"  lm_head = fp32 ({RLCompatConfig().fp32_head}) (fp32_head)")
     from vllm_rl_compat.weights.registry import BACKENDS, DEFAULT_BACKEND
 
-    token = "set" if envs.VLLM_RL_COMPAT_CONTROL_TOKEN else "not set (--api-key is used if given)"
+    token = ("set" if envs.VLLM_RL_COMPAT_CONTROL_TOKEN
+             else "not set (routes not mounted; --api-key is not a control key)")
     lines.append(f"  weight_transfer_config.backend = {DEFAULT_BACKEND!r} unless you set one of "
                  f"{', '.join(BACKENDS)} (weight_sync); HTTP control token: {token}")
     from vllm_rl_compat.ops.fp32_linear_cpu import ROUTES

@@ -101,9 +101,9 @@ environment_variables: dict[str, tuple[Callable[[], Any], str]] = {
     ),
     "VLLM_RL_COMPAT_CONTROL_TOKEN": (
         lambda: os.environ.get("VLLM_RL_COMPAT_CONTROL_TOKEN") or None,
-        "Bearer token of the RL HTTP routes on `vllm serve` (falls back to "
-        "`--api-key` / `VLLM_API_KEY`; with none, the routes are not mounted); "
-        "`TokenHTTPClient` reads it too.",
+        "Bearer token of the RL HTTP routes on `vllm serve` (never `--api-key` / "
+        "`VLLM_API_KEY`, the inference users' key; without it the routes are not "
+        "mounted); `TokenHTTPClient` reads it too.",
     ),
     "VLLM_RL_COMPAT_TXN_SECRET": (
         lambda: os.environ.get("VLLM_RL_COMPAT_TXN_SECRET") or None,

@@ -63,7 +63,7 @@ class RLCompatInitInfo(WeightTransferInitInfo):
     # 1 + data_parallel_size * tensor_parallel_size * pipeline_parallel_size
     world_size: int = 0
     rank_offset: int = 1  # group rank of the first engine's first worker
-    secret: str = ""
+    secret: str = field(default="", repr=False)  # never printed
     timeout: float = 60.0
 
 

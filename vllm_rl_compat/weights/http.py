@@ -10,9 +10,9 @@ opens ``/collective_rpc`` and friends, and its ``--api-key`` guards only
 ``/weight_info``, and ours, ``/abort_weight_update`` -- without the rest of
 dev mode (and in dev mode replaces vLLM's open copies of them).
 
-Token: ``VLLM_RL_COMPAT_CONTROL_TOKEN`` (a control-plane secret apart from
-the users' key); if unset, the server's ``--api-key`` / ``VLLM_API_KEY``;
-with neither, the routes are not mounted and start-up says so. A request
+Token: ``VLLM_RL_COMPAT_CONTROL_TOKEN`` only (a control-plane secret apart
+from the users' key: ``--api-key`` / ``VLLM_API_KEY`` is never taken for it);
+without it the routes are not mounted and start-up says so and how. A request
 without ``Authorization: Bearer <token>`` gets 401 and changes nothing. The
 comparison is constant-time on digests; the token is never logged.
 
@@ -41,14 +41,16 @@ _VLLM_HANDLERS = {"/pause": ("pause_generation", "POST"),
 
 
 def control_token(args: Any) -> str | None:
-    """The control token this server accepts, or ``None`` (routes not mounted)."""
-    token = os.environ.get(TOKEN_ENV)
-    if token:
-        return token
-    keys = getattr(args, "api_key", None) or os.environ.get("VLLM_API_KEY")
-    if isinstance(keys, (list, tuple)):
-        keys = keys[0] if keys else None
-    return keys or None
+    """The control token this server accepts, or ``None`` (routes not mounted).
+
+    Only ``VLLM_RL_COMPAT_CONTROL_TOKEN``: the server's ``--api-key`` is what
+    inference users hold, and whoever holds the control token can replace the
+    weights."""
+    return os.environ.get(TOKEN_ENV) or None
+
+
+def _has_inference_key(args: Any) -> bool:
+    return bool(getattr(args, "api_key", None) or os.environ.get("VLLM_API_KEY"))
 
 
 def _rl_mode_with_weight_sync(args: Any) -> bool:
@@ -82,8 +84,11 @@ class RLCompatEndpoints:
             return
         token = control_token(args)
         if token is None:
-            logger.warning("RL mode: the weight-update routes are NOT mounted: set %s (or "
-                           "--api-key) to serve them behind a bearer token", TOKEN_ENV)
+            why = (" (--api-key / VLLM_API_KEY is the inference users' key, not a control "
+                   "key)" if _has_inference_key(args) else "")
+            logger.warning("RL mode: the weight-update routes are NOT mounted%s: set %s to "
+                           "a secret of its own to serve them behind a bearer token", why,
+                           TOKEN_ENV)
             return
         app.include_router(_router(hashlib.sha256(token.encode()).digest()))
         logger.info("RL mode: weight-update routes mounted (bearer token required)")
