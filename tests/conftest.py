@@ -12,7 +12,7 @@ import json
 import os
 import subprocess
 import sys
-import threading
+import weakref
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -73,29 +73,16 @@ def llm_factory() -> Iterator[Callable[..., Any]]:
         shutdown_engine(llm)
 
 
-_STOPPING: list[tuple[Any, threading.Thread]] = []
+_STOPPED: "weakref.WeakSet[Any]" = weakref.WeakSet()
 
 
 def shutdown_engine(llm: Any) -> None:
-    """Stop an offline ``LLM`` without making the next test wait for it.
-
-    vLLM 0.32's CPU engine takes 5 s to stop, almost all of it idle: its
-    worker blocks about 3 s in a ZMQ send in ``MessageQueue.shutdown``
-    (py-spy), and the process manager kills the engine core at its 5 s
-    deadline. The stop runs in a thread, so that idle wait overlaps the next
-    engine's start; every stop is joined before the session ends
-    (``_join_engine_stops``), so no engine outlives the suite.
-    """
-    if any(stopped is llm for stopped, _ in _STOPPING):  # stopped once already
+    """Stop an offline ``LLM`` once (a test and its module's factory may both
+    ask). Synchronously: an engine built with the in-process executor shares
+    vLLM's global distributed state with the next one, so a stop running
+    beside the next start can tear that state down under it (seen: "pipeline
+    model parallel group is not initialized")."""
+    if llm in _STOPPED:
         return
-    thread = threading.Thread(target=llm.llm_engine.engine_core.shutdown,
-                              name="engine-stop")
-    thread.start()
-    _STOPPING.append((llm, thread))
-
-
-@pytest.fixture(scope="session", autouse=True)
-def _join_engine_stops() -> Iterator[None]:
-    yield
-    for _, thread in _STOPPING:
-        thread.join()
+    _STOPPED.add(llm)
+    llm.llm_engine.engine_core.shutdown()

@@ -35,7 +35,7 @@ import pytest
 
 from test_weight_sync import (
     EAGER,
-    assert_never_paused,
+    fail_after_half,
     forced_logprobs,
     free_port,
     make_llm,
@@ -43,7 +43,7 @@ from test_weight_sync import (
     shutdown,
     state_dict,
 )
-from vllm_rl_compat.weight_sync import WeightSync, WeightUpdateError
+from vllm_rl_compat.weight_sync import WeightSync
 
 # name: (engine dtype, the engine's extra environment). The machine's own bf16
 # layout is ``NATIVE``: ``test_weight_sync.py`` runs every path on it.
@@ -184,23 +184,10 @@ def test_copy_plan_records_then_replays(layout, monkeypatch):
 def test_failed_chunk_into_kept_stage_leaves_the_model(layout, tmp_path, monkeypatch):
     """Half of B loads into the kept stage, then a bad chunk: live weights as
     they were, nothing paused or held; the next update is exact."""
-    from safetensors.torch import save_file
-
     monkeypatch.setenv("VLLM_RL_COMPAT_WEIGHT_STAGING_KEEP", "1")
-    eng, sync = layout["eng"], layout["sync"]
     update(layout, "a", "files")
-    b = state_dict(layout["dir_b"])
-    for part, tensors in (("half", {n: b[n] for n in sorted(b)[: len(b) // 2]}),
-                          ("bad", {"model.norm.weight": b["model.norm.weight"][:3]})):
-        (tmp_path / part).mkdir()
-        save_file(tensors, tmp_path / part / "m.safetensors")
-    eng.start_weight_update()
-    eng.update_weights({"update_info": {"source": "files", "path": str(tmp_path / "half")}})
-    with pytest.raises(WeightUpdateError, match="wrong shapes"):
-        eng.update_weights({"update_info": {"source": "files", "path": str(tmp_path / "bad")}})
-        eng.finish_weight_update()
-    assert_never_paused(eng, sync)
-    assert forced_logprobs(eng) == layout["ref_a"]
+    fail_after_half(layout["eng"], layout["sync"], layout["dir_b"], tmp_path)
+    assert forced_logprobs(layout["eng"]) == layout["ref_a"]
     update(layout, "b", "files")
 
 

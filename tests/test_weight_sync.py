@@ -125,6 +125,25 @@ def assert_never_paused(llm, sync) -> None:
         assert llm.collective_rpc("rl_compat_staging") == [idle] * sync.num_workers
 
 
+def fail_after_half(llm, sync, model_dir: str, tmp_path: Path) -> None:
+    """vLLM's RL calls in chunks: half of ``model_dir`` loads (into the kept
+    stage, if one is kept), then a chunk with a wrong shape fails the update;
+    nothing paused or held afterwards."""
+    from safetensors.torch import save_file
+
+    b = state_dict(model_dir)
+    for part, tensors in (("half", {n: b[n] for n in sorted(b)[: len(b) // 2]}),
+                          ("bad", {"model.norm.weight": b["model.norm.weight"][:3]})):
+        (tmp_path / part).mkdir()
+        save_file(tensors, tmp_path / part / "m.safetensors")
+    llm.start_weight_update()
+    llm.update_weights({"update_info": {"source": "files", "path": str(tmp_path / "half")}})
+    with pytest.raises(WeightUpdateError, match="wrong shapes"):
+        llm.update_weights({"update_info": {"source": "files", "path": str(tmp_path / "bad")}})
+        llm.finish_weight_update()
+    assert_never_paused(llm, sync)
+
+
 def assert_serves(llm) -> None:
     from vllm import SamplingParams
 
@@ -342,20 +361,7 @@ def test_overlapped_updates_keep_their_staging_copy(untied, tmp_path, monkeypatc
         assert forced_logprobs(eng) == untied[f"ref_{model}"]  # exact
     # vLLM's RL calls, in chunks: half of B loads into the kept stage (the
     # storage the live weights left at the last swap), then a bad chunk.
-    from safetensors.torch import save_file
-
-    b = state_dict(untied["dir_b"])
-    (tmp_path / "half").mkdir()
-    (tmp_path / "bad").mkdir()
-    save_file({n: b[n] for n in sorted(b)[: len(b) // 2]}, tmp_path / "half" / "m.safetensors")
-    save_file({"model.norm.weight": torch.ones(3, dtype=torch.bfloat16)},
-              tmp_path / "bad" / "m.safetensors")
-    eng.start_weight_update()
-    eng.update_weights({"update_info": {"source": "files", "path": str(tmp_path / "half")}})
-    with pytest.raises(WeightUpdateError, match="wrong shapes"):
-        eng.update_weights({"update_info": {"source": "files", "path": str(tmp_path / "bad")}})
-        eng.finish_weight_update()
-    assert_never_paused(eng, sync)
+    fail_after_half(eng, sync, untied["dir_b"], tmp_path)
     assert forced_logprobs(eng) == untied["ref_a"]  # live weights untouched
     monkeypatch.setenv("VLLM_RL_COMPAT_WEIGHT_STAGING_KEEP", "0")
     sync.update_from_files(untied["dir_b"])
