@@ -30,13 +30,10 @@ import torch
 
 # What each layout supports: the in-pause fast apply and overlapped staging
 # (``weights.apply_cpu``, ``weights.staging``), else vLLM's layerwise reload.
-WEIGHT_PATHS = {
-    "onednn": "overlapped staging, in-pause fast apply, layerwise reload",
-    "sgl": "overlapped staging, in-pause fast apply, layerwise reload",
-    "F.linear": "overlapped staging, in-pause fast apply, layerwise reload",
-    "zentorch": "layerwise reload only (zen CPU platform)",
-    "other": "layerwise reload only",
-}
+_EVERY_PATH = "overlapped staging, in-pause fast apply, layerwise reload"
+WEIGHT_PATHS = {"onednn": _EVERY_PATH, "sgl": _EVERY_PATH, "F.linear": _EVERY_PATH,
+                "zentorch": "layerwise reload only (zen CPU platform)",
+                "other": "layerwise reload only"}
 
 # The names each closure vLLM builds captures (``dispatch_cpu_unquantized_gemm``).
 _CAPTURES = {"handler": "onednn", "packed_weight": "sgl", "zen_weight": "zentorch"}
