@@ -175,6 +175,42 @@ def test_dev_mode_collective_rpc_cannot_apply_weights(servers) -> None:
     assert forced_logprobs(port) == before and version(port) == "0"
 
 
+def test_control_calls_refused_while_an_update_is_open(servers) -> None:
+    """/pause, /resume and /update_weight_version are 409 (naming the update)
+    while one is open; /abort_weight_update says what it dropped."""
+    port = servers["rl"]
+    v = version(port)
+    assert call(port, "POST", "/start_weight_update")[0] == 200
+    for path, body in (("/pause", None), ("/resume", None),
+                       ("/update_weight_version", {"new_version": "forged"})):
+        status, resp = call(port, "POST", path, body)
+        assert status == 409 and "weight update" in resp["error"], (path, status, resp)
+        assert "in progress" in resp["error"], resp
+    assert call(port, "GET", "/is_paused")[1] == {"is_paused": False}
+    status, resp = call(port, "POST", "/abort_weight_update")
+    assert status == 200 and resp["message"].endswith("aborted; model unchanged"), resp
+    assert call(port, "POST", "/abort_weight_update")[1] == {
+        "message": "No weight update was open"}
+    assert call(port, "POST", "/pause")[0] == 200 and call(port, "POST", "/resume")[0] == 200
+    assert version(port) == v
+
+
+def test_dev_mode_cannot_reset_or_reload_weights(servers) -> None:
+    """vLLM's worker methods that change weights outside the transaction are
+    refused in RL mode, from /collective_rpc and /weight_checker alike."""
+    port = servers["dev"]
+    before = forced_logprobs(port)
+    status, sums = call(port, "POST", "/weight_checker", {"action": "checksum"}, token=None)
+    assert status == 200 and sums["checksums"], sums
+    for method in ("reset_weights", "reload_weights"):
+        status, body = call(port, "POST", "/collective_rpc", {"method": method}, token=None)
+        assert status >= 400, (method, status, body)
+    status, body = call(port, "POST", "/weight_checker", {"action": "reset"}, token=None)
+    assert status >= 400, body
+    assert call(port, "POST", "/weight_checker", {"action": "checksum"}, token=None)[1] == sums
+    assert forced_logprobs(port) == before
+
+
 def _stream(port: int, i: int, max_tokens: int, progress: list[int],
             finals: list[Any]) -> None:
     """One streaming token-in/token-out request; counts tokens as they arrive

@@ -75,6 +75,12 @@ class RLCompatConfig:
     weight_staging_max_gib: float = _opt(
         0.0, "Most extra memory overlapped staging may hold, in GiB (`0`: what the "
         "machine and its cgroup have available).")
+    weight_update_lease_s: float = _opt(
+        0.0, "An open weight update (start called, finish not yet) that goes this "
+        "many seconds without a call or progress is aborted as a failed update: "
+        "staging dropped, our pause released, the next call told why (a trainer "
+        "that died mid-update cannot leave generation paused). `0`: sized for the "
+        "model, 120 s + 60 s per GiB of weights.")
     fp32_head: str = _opt(
         "compute", "Fix 4: lm_head in fp32. `compute`: fp32 logits from "
         "model-dtype weights, no fp32 weight copy; `weights`: the head weight "

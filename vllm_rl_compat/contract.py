@@ -92,7 +92,16 @@ ENTRIES: tuple[Entry, ...] = (
     *(Entry(f"vllm.v1.engine.async_llm:AsyncLLM.{n}", "wrap",
             "route AsyncLLM's RL API through the transaction") for n in _RL_API),
     *(Entry(f"{_WORKER}.{n}", "call", "the worker extension drives vLLM's own worker steps")
-      for n in (*_RL_API, "reload_weights")),
+      for n in _RL_API),
+    *(Entry(f"vllm.v1.engine.async_llm:AsyncLLM.{n}", "wrap",
+            "refused while a weight update is open (HTTP 409)")
+      for n in ("pause_generation", "resume_generation", "update_weight_version")),
+    *(Entry(f"{_WORKER}.{n}", "wrap", "changes weights: refused in RL mode outside the "
+            "transaction (which calls reload_weights itself)")
+      for n in ("reload_weights", "reset_weights")),
+    Entry("vllm.v1.engine.core_client:AsyncMPClient.get_output_async", "wrap",
+          "delivery barrier: a commit returns once earlier outputs reached their streams",
+          ("self",)),
     Entry(f"{_WORKER}.execute_model", "wrap", "engine step times (stall of an update)",
           ("self", "scheduler_output")),
     Entry("vllm.v1.worker.cpu_worker:CPUWorker.compile_or_warm_up_model", "wrap",

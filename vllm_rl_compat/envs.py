@@ -99,6 +99,12 @@ environment_variables: dict[str, tuple[Callable[[], Any], str]] = {
         "Overrides `rl_compat.weight_staging_max_gib` for the updates a front end "
         "starts (for tests and comparisons); read at each update.",
     ),
+    "VLLM_RL_COMPAT_WEIGHT_UPDATE_LEASE_S": (
+        lambda: float(os.environ["VLLM_RL_COMPAT_WEIGHT_UPDATE_LEASE_S"])
+        if os.environ.get("VLLM_RL_COMPAT_WEIGHT_UPDATE_LEASE_S") else None,
+        "Overrides `rl_compat.weight_update_lease_s` for the updates a front end "
+        "starts (for tests); read at each update.",
+    ),
     "VLLM_RL_COMPAT_CONTROL_TOKEN": (
         lambda: os.environ.get("VLLM_RL_COMPAT_CONTROL_TOKEN") or None,
         "Bearer token of the RL HTTP routes on `vllm serve` (never `--api-key` / "
@@ -120,6 +126,7 @@ VLLM_RL_COMPAT_FAST_RELOAD: bool
 VLLM_RL_COMPAT_WEIGHT_STAGING: str | None
 VLLM_RL_COMPAT_COPY_PLAN: bool
 VLLM_RL_COMPAT_WEIGHT_STAGING_MAX_GIB: float | None
+VLLM_RL_COMPAT_WEIGHT_UPDATE_LEASE_S: float | None
 VLLM_RL_COMPAT_CONTROL_TOKEN: str | None
 VLLM_RL_COMPAT_TXN_SECRET: str | None
 

@@ -27,6 +27,7 @@ def _register_once() -> None:
     from vllm_rl_compat import engine_settings, fp32_head, prefix_cache, seeded_sampling
     from vllm_rl_compat.weights import (
         boundary_commit,
+        delivery,
         gc_heap,
         http,
         kv_versions,
@@ -38,6 +39,7 @@ def _register_once() -> None:
         settings,
         step_clock,
         versions,
+        worker,
     )
 
     proof.ensure_secret()  # before this process spawns the engine core / workers
@@ -52,6 +54,8 @@ def _register_once() -> None:
     native.install()
     step_clock.install()
     boundary_commit.install()
+    delivery.install()
+    worker.install()
     gc_heap.install()
     http.install()
     openai_versions.install()

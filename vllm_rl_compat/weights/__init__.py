@@ -1,1 +1,43 @@
-"""Weight updates in RL mode: spec, transaction, backends, worker side, HTTP routes."""
+"""Weight updates in RL mode: one transaction across three processes.
+
+The update is one state machine. The front end's ``Transaction``
+(``transaction.py``) owns it; the engine core (``boundary_commit.py``) and
+every worker (``worker.py``) run only the steps it signs (``proof.py``), each
+carrying the update's id, once and in order (``worker._admit``).
+
+======================  =======================  ==========================  ==============================
+state                   front end holds          engine core                 each worker holds
+======================  =======================  ==========================  ==============================
+closed                  version; nothing else    serving, label = version    live weights (+ kept stage)
+open, overlapped        id, lease watch          serving                     shadow filled by its staging
+                                                                             thread
+open, in the pause      id, lease, our pause     paused (keep mode)          received tensors, validated
+committing (AsyncLLM)   id, commit in flight     ``_Commit``: waits for      staging done -> swap, between
+                                                 staging, then swap + label  two steps
+applying (pause)        id, our pause            paused                      apply, fp32 head, then label
+======================  =======================  ==========================  ==============================
+
+Events and who may fire them (every step under the engine's one lock,
+``Transaction.step_lock`` / ``async_lock``):
+
+* caller (vLLM's RL calls, ``WeightSync``, the HTTP routes): ``start``
+  (closed -> open; the workers answer whether they stage overlapped, and if
+  the ranks disagree the front end sends ``in_pause`` so none does),
+  ``update:N`` (open), ``finish`` (open -> committing / applying -> closed,
+  version + 1), ``abort`` (open -> closed: staging dropped, our pause
+  released; a step still waiting stops first: ``Transaction.cancelled``).
+* front end: ``poll:K`` / ``check`` (open), the lease (open -> closed, as an
+  abort, after ``rl_compat.weight_update_lease_s`` without progress).
+* engine core: ``poll:cK`` / ``check`` / ``finish`` of its commit; a cancel
+  (abort, lease) ends a commit that has not applied.
+
+Refused while an update is open (``TransactionStateError``, HTTP 409, the
+update named): a second ``start``, ``init`` / ``shutdown``,
+``pause_generation``, ``resume_generation``, ``update_weight_version``.
+Refused in RL mode outside a step: vLLM's ``reload_weights`` /
+``reset_weights`` worker methods. A failure before the apply leaves the
+model unchanged (our backends stage every byte first; vLLM's ``nccl`` /
+``ipc`` stream into the live weights, and the error says so); a failure
+during the apply is ``WeightSyncCorruptedError``. A commit returns only once
+the outputs sent before it are delivered (``delivery.py``).
+"""

@@ -37,7 +37,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 from vllm.distributed.weight_transfer.base import (
@@ -51,6 +51,7 @@ from vllm_rl_compat.weights.registry import BACKENDS
 logger = logging.getLogger("vllm.rl_compat")
 
 SOURCES = ("gloo", "files")
+CANCEL_WAIT_S = 2.0  # how long an abort waits for the staging thread's next check
 
 
 @dataclass
@@ -101,6 +102,14 @@ class _Overlap:
     prepared: bool = False  # complete, validated and prepared: ready to swap
     keep: bool = False  # keep the stage after the swap for the next update
     load_seconds: float = 0.0  # staging thread time loading the shadow (all chunks)
+    cancelled: bool = False  # aborted: its work stops at the next check
+
+    def check(self) -> None:
+        """Staging thread, between tensors: stop the work of an aborted update."""
+        if self.cancelled:
+            from vllm_rl_compat.weights.staging import Cancelled
+
+            raise Cancelled("this weight update was aborted; its staging stopped")
 
     @property
     def via(self) -> str:
@@ -130,6 +139,7 @@ class _Overlap:
               ) -> Iterator[tuple[str, torch.Tensor]]:
         """``items``, each recorded as it passes (for the completeness check)."""
         for name, tensor in items:
+            self.check()
             self.entries.append((name, tuple(tensor.shape), tensor.dtype))
             yield name, tensor
 
@@ -195,7 +205,7 @@ class RLCompatWeightTransferEngine(
     # ----------------------------------------------------------- stage
     def start_weight_update(self) -> None:
         self._require_authorized("start_weight_update")
-        self.drop()
+        self._staged, self._overlap = [], None  # a kept stage stays for this update
 
     def parse_update_info(self, update_dict: dict[str, Any]) -> RLCompatUpdateInfo:
         info = super().parse_update_info(update_dict or {})
@@ -228,6 +238,12 @@ class RLCompatWeightTransferEngine(
             "it is built for unquantized models on the CPU platform (the fast CPU apply's "
             "plan, which this engine does not qualify for: see the log line 'weight "
             "updates use vLLM's layerwise reload')")
+        if self._job is not None and self._job.busy():
+            raise WeightUpdateError(
+                "the staging thread still runs an aborted update's work (blocked in a "
+                "receive or a read that has not returned: a stalled sender, whose bytes it "
+                "would otherwise consume); model unchanged; retry once it has stopped "
+                "(rl_compat_staging reports busy=False), or reconnect the trainer")
         if not keep:
             self._kept = None
         if reason is None:
@@ -257,6 +273,7 @@ class RLCompatWeightTransferEngine(
         from vllm_rl_compat.weights import staging
         from vllm_rl_compat.weights.copy_plan import CopyPlan, PlanRecorder
 
+        overlap.check()
         stage, self._kept = self._kept, None
         if stage is not None:
             stage.reuse()
@@ -301,12 +318,13 @@ class RLCompatWeightTransferEngine(
 
     def _stage_chunk(self, overlap: _Overlap, update_info: RLCompatUpdateInfo) -> None:
         """Staging thread: receive / read, validate, load into the shadow."""
+        overlap.check()
         seen = overlap.seen()
         items: Iterable[tuple[str, torch.Tensor]]
         if update_info.source == "gloo":
             items = self._receive_broadcast(seen)
         else:
-            items = self._stream_files(update_info.path, seen)
+            items = self._stream_files(update_info.path, seen, overlap.check)
         overlap.load(items)
         if overlap.seen() >= set(self.spec.entries):  # every name: finish it now
             self._complete(overlap)
@@ -327,8 +345,11 @@ class RLCompatWeightTransferEngine(
     def _read_files(self, path: str, seen: set[str]) -> list[tuple[str, torch.Tensor]]:
         return list(self._stream_files(path, seen))
 
-    def _stream_files(self, path: str, seen: set[str]) -> Iterator[tuple[str, torch.Tensor]]:
-        """Validate every header first, then yield the tensors one by one."""
+    def _stream_files(self, path: str, seen: set[str],
+                      check: Callable[[], None] = lambda: None
+                      ) -> Iterator[tuple[str, torch.Tensor]]:
+        """Validate every header first, then yield the tensors one by one
+        (``check`` before each file: an aborted update reads no further)."""
         from safetensors import safe_open
 
         from vllm_rl_compat.weights.spec import WeightUpdateError, safetensors_header_spec
@@ -336,6 +357,7 @@ class RLCompatWeightTransferEngine(
         files, entries = safetensors_header_spec(path)
         self.spec.validate(entries, complete=False, seen=set(seen))
         for file in files:
+            check()
             try:
                 with safe_open(file, framework="pt") as f:
                     for name in f.keys():
@@ -360,6 +382,7 @@ class RLCompatWeightTransferEngine(
         first overlapped update also leaves its recorded copy plan."""
         if overlap.prepared:
             return
+        overlap.check()
         self.spec.validate(overlap.entries)
         overlap.stage.prepare()
         if overlap.keep and self._keepable is None:  # once: the model's processing
@@ -403,11 +426,20 @@ class RLCompatWeightTransferEngine(
         return {"via": overlap.via, "load_seconds": overlap.load_seconds,
                 "kept": self._kept is not None}
 
-    def drop(self) -> None:
-        self._staged = []
-        self._overlap = None
-        if self._job is not None:
-            self._job.cancel()
+    def drop(self) -> bool:
+        """Abort: forget staged bytes, free a kept stage, stop the staging
+        thread's work between two tensors (waiting ``CANCEL_WAIT_S`` for it).
+        ``False`` when it still runs (blocked in a receive or a read): the next
+        overlapped start is refused until it stops (``begin_overlapped``)."""
+        if self._overlap is not None:
+            self._overlap.cancelled = True
+        self._staged, self._overlap, self._kept = [], None, None
+        return self._job is None or self._job.cancel(CANCEL_WAIT_S)
+
+    def in_pause(self) -> None:
+        """The ranks disagreed on overlapped staging: this one stages in the
+        pause too (the front end's collective decision)."""
+        self.drop()
 
     def finish_weight_update(self) -> None:
         self._require_authorized("finish_weight_update")

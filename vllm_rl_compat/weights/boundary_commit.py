@@ -16,6 +16,10 @@ counts as having work (``has_work``), so its loop keeps turning even with no
 request to step (idle, or paused by the caller: then it tries every 2 ms)
 and still takes new requests and calls meanwhile.
 
+An abort or an expired lease stops a commit that still waits
+(``rl_compat_commit_cancel``, signed like the commit): between two steps, so
+it has either applied already or never will.
+
 Outcome (the call's result): ``{"applied": [per worker], "label": ..., "steps": [...]}``;
 ``{"failed": "staging", ...}`` when staging failed (the front end aborts:
 live weights untouched, label unchanged); ``{"failed": "apply", ...}`` when
@@ -34,7 +38,9 @@ from vllm_rl_compat.weights import proof
 
 WORKER_METHOD = "rl_compat_txn"  # = transaction.WORKER_METHOD (no import: front-end module)
 METHOD = "rl_compat_commit"  # the engine-core utility the front end calls
+CANCEL = "rl_compat_commit_cancel"  # ... and the one that stops a waiting commit
 _ATTR = "_rl_compat_commit"
+_CANCELLED = "_rl_compat_commit_cancelled"  # (txn, why) cancelled before its commit came
 IDLE_POLL_SECONDS = 0.002
 
 
@@ -60,8 +66,26 @@ def rl_compat_commit(self: Any, txn: str, signed: str, label: str | None, defaul
     commit = _Commit(txn, _next_label(self, default) if label is None else str(label),
                      bool(allow_fast))
     self.__dict__[_ATTR] = commit
-    _advance(self)
+    cancelled = self.__dict__.pop(_CANCELLED, None)
+    if cancelled is not None and cancelled[0] == txn:
+        _end(self, commit, {"failed": "staging", "error": cancelled[1]})
+    else:
+        _advance(self)
     return commit.future  # vLLM replies when it is done
+
+
+def rl_compat_commit_cancel(self: Any, txn: str, signed: str, why: str) -> bool:
+    """Utility call (abort, expired lease): end commit ``txn`` if it is still
+    waiting for staging, as a failed staging (nothing applied; the front end
+    then drops the staging). Between two steps, like the commit itself: it
+    either has applied already (``False``) or never will (``True``)."""
+    proof.verify(txn, "cancel", signed)
+    commit = self.__dict__.get(_ATTR)
+    if commit is None or commit.txn != txn:
+        self.__dict__[_CANCELLED] = (txn, why)  # a commit sent before it may still come
+        return False
+    _end(self, commit, {"failed": "staging", "error": why})
+    return True
 
 
 def _next_label(core: Any, default: str) -> str:
@@ -131,6 +155,7 @@ def install() -> None:
 
         require("EngineCoreProc._invoke_utility_method")  # defers a Future's reply
         add_method(module.EngineCoreProc, METHOD, rl_compat_commit)
+        add_method(module.EngineCoreProc, CANCEL, rl_compat_commit_cancel)
         patch_method(module.EngineCoreProc, "_process_engine_step", _wrap_step)
         patch_method(module.EngineCoreProc, "has_work", _wrap_has_work)
     when_imported("vllm.v1.engine.core", apply)

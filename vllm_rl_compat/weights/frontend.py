@@ -245,7 +245,8 @@ class AsyncWeightSync(_Common):
                 port = AsyncLLMPort(self.engine)
                 if staging["staging"] != "in_pause" and await port.can_commit():
                     await run_async(self._txn.update_once(staging, update_info, None,
-                                                          staging["allow_fast"]), port)
+                                                          staging["allow_fast"]), port,
+                                    self._txn)
                     return self.version
                 await self.engine.start_weight_update()
                 await self.engine.update_weights(WeightTransferUpdateRequest(update_info))

@@ -16,8 +16,10 @@ without it the routes are not mounted and start-up says so and how. A request
 without ``Authorization: Bearer <token>`` gets 401 and changes nothing. The
 comparison is constant-time on digests; the token is never logged.
 
-Errors are JSON ``{"error": ...}``: 400 for a rejected update (the model is
-unchanged and serving), 409 for a call out of order, 500 otherwise.
+Errors are JSON ``{"error": ...}``: 400 for a rejected update (what state the
+model is in is in the message), 409 for a call out of order -- including
+``/pause``, ``/resume`` and ``/update_weight_version`` while an update is open
+(the update is named) --, 500 otherwise.
 """
 
 # No ``from __future__ import annotations``: FastAPI reads the route
@@ -38,6 +40,7 @@ _VLLM_HANDLERS = {"/pause": ("pause_generation", "POST"),
                   "/is_paused": ("is_paused", "GET"),
                   "/update_weight_version": ("update_weight_version", "POST"),
                   "/weight_info": ("weight_info", "GET")}
+_REFUSED_WHILE_OPEN = ("/pause", "/resume", "/update_weight_version")  # 409 mid-update
 
 
 def control_token(args: Any) -> str | None:
@@ -109,10 +112,38 @@ def _router(token_digest: bytes) -> Any:
 
     router = APIRouter(dependencies=[Depends(check_token)])
     for path, (handler, method) in _VLLM_HANDLERS.items():
-        router.add_api_route(path, getattr(vllm_rl, handler), methods=[method])
+        endpoint = getattr(vllm_rl, handler)
+        if path in _REFUSED_WHILE_OPEN:
+            endpoint = _conflict_is_409(endpoint)
+        router.add_api_route(path, endpoint, methods=[method])
     for path, endpoint in _transaction_routes().items():
         router.add_api_route(path, endpoint, methods=["POST"])
     return router
+
+
+def _conflict_is_409(handler: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+    """vLLM's handler, answering 409 (naming the open update) when the engine
+    refuses it because a weight update is open (``native._guard``). Checked
+    before the handler too: vLLM's pause and resume handlers turn every error
+    into a 500."""
+    import functools
+
+    from fastapi.responses import JSONResponse
+
+    from vllm_rl_compat.weights.native import transaction_of
+    from vllm_rl_compat.weights.transaction import TransactionStateError
+
+    @functools.wraps(handler)  # FastAPI reads the handler's own signature
+    async def route(*args: Any, **kwargs: Any) -> Any:
+        try:
+            engine = kwargs["raw_request"].app.state.engine_client
+            txn = transaction_of(engine, engine.vllm_config)
+            if txn is not None:
+                txn.require_closed(handler.__name__)
+            return await handler(*args, **kwargs)
+        except TransactionStateError as exc:
+            return JSONResponse({"error": str(exc)}, status_code=409)
+    return route
 
 
 def _transaction_routes() -> dict[str, Callable[..., Awaitable[Any]]]:
@@ -152,15 +183,27 @@ def _transaction_routes() -> dict[str, Callable[..., Awaitable[Any]]]:
                              "Weight transfer shut down")
 
     async def abort(request: Request):
+        from vllm_rl_compat.weights.registry import is_ours
+
+        transfer = getattr(client(request).vllm_config, "weight_transfer_config", None)
+        staged = is_ours(getattr(transfer, "backend", None))
         return await _answer(abort_weight_update_async(client(request)),
-                             "Weight update aborted")
+                             lambda dropped: _aborted(dropped, staged))
 
     return {"/init_weight_transfer_engine": init, "/start_weight_update": start,
             "/update_weights": update, "/finish_weight_update": finish,
             "/shutdown_weight_transfer_engine": shutdown, "/abort_weight_update": abort}
 
 
-async def _answer(call: Awaitable[Any], message: str) -> Any:
+def _aborted(dropped: str | None, staged: bool) -> str:
+    if dropped is None:
+        return "No weight update was open"
+    state = ("model unchanged" if staged else "the weight backend streams into the live "
+             "weights: the model may hold part of it")
+    return f"Weight update {dropped[:8]} aborted; {state}"
+
+
+async def _answer(call: Awaitable[Any], message: str | Callable[[Any], str]) -> Any:
     """Run one engine call; JSON 200, or the error with its status."""
     from fastapi.responses import JSONResponse
 
@@ -168,7 +211,7 @@ async def _answer(call: Awaitable[Any], message: str) -> Any:
     from vllm_rl_compat.weights.transaction import TransactionStateError
 
     try:
-        await call
+        result = await call
     except TransactionStateError as exc:
         return JSONResponse({"error": str(exc)}, status_code=409)
     except WeightUpdateError as exc:
@@ -176,7 +219,7 @@ async def _answer(call: Awaitable[Any], message: str) -> Any:
     except Exception as exc:  # noqa: BLE001 - reported to the caller, logged here
         logger.exception("RL route failed")
         return JSONResponse({"error": f"{type(exc).__name__}: {exc}"}, status_code=500)
-    return JSONResponse({"message": message})
+    return JSONResponse({"message": message(result) if callable(message) else message})
 
 
 def install() -> None:

@@ -23,6 +23,7 @@ from vllm_rl_compat.weights.transaction import (
     Transaction,
     run,
     run_async,
+    stop_async,
 )
 from vllm_rl_compat.weights.versions import weight_sync_on
 
@@ -96,8 +97,7 @@ def _sync_wrapper(steps: Callable[..., Any]) -> Callable[[Any], Any]:
             txn = transaction_of(self, self.llm_engine.vllm_config)
             if txn is None:
                 return original(self, *args, **kwargs)
-            with txn.step_lock:
-                return run(steps(txn, *args, **kwargs), LLMPort(self))
+            return run(steps(txn, *args, **kwargs), LLMPort(self), txn)
         return method
     return wrap
 
@@ -108,7 +108,24 @@ def _async_wrapper(steps: Callable[..., Any]) -> Callable[[Any], Any]:
             txn = transaction_of(self, self.vllm_config)
             if txn is None:
                 return await original(self, *args, **kwargs)
-            return await run_async(steps(txn, *args, **kwargs), AsyncLLMPort(self))
+            return await run_async(steps(txn, *args, **kwargs), AsyncLLMPort(self), txn)
+        return method
+    return wrap
+
+
+# ``AsyncLLM`` calls that must not run while an update is open: a pause or
+# resume would cross the transaction's own (a resume mid-update decodes on
+# weights being replaced), a label would name weights that are not served.
+_GUARDED = ("pause_generation", "resume_generation", "update_weight_version")
+
+
+def _guard(name: str) -> Callable[[Any], Any]:
+    def wrap(original: Any) -> Any:
+        async def method(self: Any, *args: Any, **kwargs: Any) -> Any:
+            txn = transaction_of(self, self.vllm_config)
+            if txn is not None:
+                txn.require_closed(name)  # TransactionStateError: HTTP 409
+            return await original(self, *args, **kwargs)
         return method
     return wrap
 
@@ -121,6 +138,8 @@ def _patch_llm(module: Any) -> None:
 def _patch_async_llm(module: Any) -> None:
     for name, steps in _STEPS.items():
         patch_method(module.AsyncLLM, name, _async_wrapper(steps))
+    for name in _GUARDED:
+        patch_method(module.AsyncLLM, name, _guard(name))
 
 
 def install() -> None:
@@ -129,16 +148,23 @@ def install() -> None:
     when_imported("vllm.v1.engine.async_llm", _patch_async_llm)
 
 
-def abort_weight_update(llm: Any) -> None:
-    """Drop an open update of an offline ``LLM`` (e.g. its trainer died)."""
+ABORTED = "aborted by abort_weight_update"
+
+
+def abort_weight_update(llm: Any) -> str | None:
+    """Drop an open update of an offline ``LLM`` (e.g. its trainer died);
+    returns its id, or ``None`` when none was open."""
     txn = transaction_of(llm, llm.llm_engine.vllm_config)
-    if txn is not None and txn.is_open:
-        with txn.step_lock:
-            run(txn.abort(), LLMPort(llm))
+    if txn is None or not txn.is_open:
+        return None
+    return run(txn.abort(why=ABORTED), LLMPort(llm), txn)
 
 
-async def abort_weight_update_async(engine: Any) -> None:
-    """Drop an open update of an ``AsyncLLM`` (the HTTP route calls this)."""
+async def abort_weight_update_async(engine: Any) -> str | None:
+    """Drop an open update of an ``AsyncLLM`` (the HTTP route calls this),
+    even one whose step is still waiting (a staging poll, a commit not yet
+    applied: they stop, nothing applied); returns its id, or ``None``."""
     txn = transaction_of(engine, engine.vllm_config)
-    if txn is not None and txn.is_open:
-        await run_async(txn.abort(), AsyncLLMPort(engine))
+    if txn is None:
+        return None
+    return await stop_async(txn, AsyncLLMPort(engine), ABORTED)

@@ -172,25 +172,51 @@ def safetensors_files(path: str | os.PathLike) -> list[Path]:
 
 def safetensors_header_spec(path: str | os.PathLike
                             ) -> tuple[list[str], list[tuple[str, tuple[int, ...], Any]]]:
-    """Files and ``(name, shape, dtype)`` of every tensor, from headers only."""
-    import torch
-    from safetensors import safe_open
+    """Files and ``(name, shape, dtype)`` of every tensor, from headers only.
 
+    Read with Python's own I/O, which releases the GIL while it waits: a file
+    whose bytes do not come (a stalled network mount, a pipe) then blocks only
+    the staging thread, never the worker's engine thread (safetensors' reader
+    holds the GIL in its ``open``)."""
     files = safetensors_files(path)
     entries = []
     for file in files:
         try:
-            with safe_open(str(file), framework="pt") as f:
-                for name in f.keys():
-                    sl = f.get_slice(name)
-                    raw = sl.get_dtype()
-                    dtype = getattr(torch, _SAFETENSORS_DTYPES.get(raw, raw.lower()), raw)
-                    entries.append((name, tuple(sl.get_shape()), dtype))
+            entries.extend(_header_entries(file))
         except WeightUpdateError:
             raise
         except Exception as exc:  # corrupt header, short file, ...
             raise WeightUpdateError(f"cannot read safetensors file {str(file)!r}: {exc}") from exc
     return [str(f) for f in files], entries
+
+
+_MAX_HEADER_BYTES = 100 * 2**20  # safetensors' own limit
+
+
+def _header_entries(file: Path) -> list[tuple[str, tuple[int, ...], Any]]:
+    import json
+
+    import torch
+
+    with open(file, "rb") as f:
+        size = f.read(8)
+        if len(size) != 8:
+            raise ValueError("shorter than a safetensors header")
+        length = int.from_bytes(size, "little")
+        if length > _MAX_HEADER_BYTES:
+            raise ValueError(f"header length {length} is over {_MAX_HEADER_BYTES} bytes")
+        raw = f.read(length)
+    if len(raw) != length:
+        raise ValueError(f"header cut short ({len(raw)} of {length} bytes)")
+    header = json.loads(raw)
+    out = []
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        kind = info["dtype"]
+        dtype = getattr(torch, _SAFETENSORS_DTYPES.get(kind, kind.lower()), kind)
+        out.append((name, tuple(int(d) for d in info["shape"]), dtype))
+    return out
 
 
 def _checkpoint_dir(model_config: Any) -> Path:

@@ -410,11 +410,16 @@ class StagingJob:
                 previous = sys.getswitchinterval()
                 sys.setswitchinterval(SWITCH_INTERVAL_S)
                 try:
-                    future.set_result(fn())
+                    result, error = fn(), None
                 except BaseException as exc:  # noqa: BLE001 - reported by done()
-                    future.set_exception(exc)
+                    result, error = None, exc
                 finally:
                     sys.setswitchinterval(previous)
+                self._inflight.discard(future)  # not busy once its result is visible
+                if error is None:
+                    future.set_result(result)
+                else:
+                    future.set_exception(error)
             self._inflight.discard(future)
 
     def done(self) -> bool:
@@ -427,11 +432,22 @@ class StagingJob:
         """Work submitted and not finished (cancelled work included)."""
         return bool(self._inflight)
 
-    def cancel(self) -> None:
-        """Forget submitted work (a running item finishes on its own)."""
+    def cancel(self, wait_s: float = 0.0) -> bool:
+        """Forget submitted work; a running item stops at its next check
+        (``Cancelled``, raised by the work itself between tensors). Waits up to
+        ``wait_s`` for it; ``False`` if it still runs (blocked in a receive
+        or a read), so the caller can refuse new work until it stops."""
         for future in self._pending:
             future.cancel()
         self._pending = []
+        running = [f for f in list(self._inflight) if not f.cancelled()]
+        if running and wait_s > 0:
+            concurrent.futures.wait(running, timeout=wait_s)
+        return not self.busy()
+
+
+class Cancelled(RuntimeError):
+    """Staging work of an aborted update stopped at a check between tensors."""
 
 
 SWITCH_INTERVAL_S = 2e-5  # the GIL switch interval while staging work runs

@@ -42,6 +42,7 @@ or an ``AsyncLLM``. Each worker-side step carries a proof (``weights.proof``).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 import time
@@ -59,11 +60,27 @@ Op = tuple  # ("rpc", step, info) | ("pause",) | ("all", [op, ...]) | ("settled"
 Steps = Generator[Op, Any, Any]
 
 
-DELIVERY_SECONDS = 0.02  # what vLLM's pause_generation waits for in-flight outputs
+LEASE_BASE_SECONDS = 120.0  # a lease of 0 (auto): this, plus ...
+LEASE_SECONDS_PER_GIB = 60.0  # ... this per GiB of the model's weights
 
 
 class TransactionStateError(RuntimeError):
-    """A call out of order (a second start, an update without a start)."""
+    """A call out of order (a second start, an update without a start, a pause
+    or a version label change while an update is open)."""
+
+
+def lease_seconds(vllm_config: Any, weight_bytes: int) -> float:
+    """How long an open update may go without progress before it is aborted
+    (``rl_compat.weight_update_lease_s``; ``0``: sized for the model)."""
+    from vllm_rl_compat import envs
+    from vllm_rl_compat.config import rl_config_from_additional
+
+    lease = envs.VLLM_RL_COMPAT_WEIGHT_UPDATE_LEASE_S
+    if lease is None:
+        lease = rl_config_from_additional(vllm_config.additional_config).weight_update_lease_s
+    if lease > 0:
+        return float(lease)
+    return LEASE_BASE_SECONDS + LEASE_SECONDS_PER_GIB * weight_bytes / 2**30
 
 
 @dataclass
@@ -85,9 +102,20 @@ class Transaction:
     steps: list[str] = field(default_factory=list)  # worker steps of the last update
     last_pause_seconds: float | None = None  # pause to resume (0.0: never paused)
     last_update_seconds: float | None = None  # start to the new version live
+    threaded: bool = False  # some worker's staging thread works on this update
+    decisions: list[dict[str, Any]] = field(default_factory=list)  # per worker, at start
     # per worker, the last successful apply: {"rank", "head_refreshed", "fast", "overlapped"}
     last_apply: list[dict[str, Any]] | None = None
-    step_lock: threading.Lock = field(default_factory=threading.Lock)
+    step_lock: threading.Lock = field(default_factory=threading.Lock)  # LLM: one step at a time
+    lease: float = LEASE_BASE_SECONDS  # of the open update (set by its start)
+    last_progress: float = 0.0  # monotonic: when a step of the open update last began or ended
+    # (id, why): the open update must stop at its next safe point (abort, lease)
+    cancelled: tuple[str, str] | None = None
+    ended: tuple[str, str] | None = None  # (id, why) of the last update ended by abort / lease
+    commit_waiting: bool = False  # an engine-core commit of the open update is in flight
+    watched: str | None = None  # the update whose lease is being watched
+    on_close: list[Any] = field(default_factory=list)  # callbacks when the open update closes
+    _async_lock: asyncio.Lock | None = None
 
     def __post_init__(self) -> None:
         self.version = version_start(self.vllm_config)
@@ -95,6 +123,26 @@ class Transaction:
     @property
     def is_open(self) -> bool:
         return self.open_id is not None
+
+    @property
+    def async_lock(self) -> asyncio.Lock:
+        """``AsyncLLM``: one step at a time (made in the engine's event loop)."""
+        if self._async_lock is None:
+            self._async_lock = asyncio.Lock()
+        return self._async_lock
+
+    def progress(self) -> None:
+        self.last_progress = time.monotonic()
+
+    def idle_seconds(self) -> float:
+        return time.monotonic() - self.last_progress
+
+    def request_cancel(self, why: str) -> str | None:
+        """Mark the open update to stop at its next safe point (before anything
+        is applied); returns its id, or ``None`` when none is open."""
+        if self.open_id is not None:
+            self.cancelled = (self.open_id, why)
+        return self.open_id
 
     # ------------------------------------------------------------- steps
     def init(self, init_info: dict[str, Any]) -> Steps:
@@ -113,11 +161,11 @@ class Transaction:
         "allow_fast", "copy_plan"}`` (``native.staging_options``); ``None``: in
         the pause."""
         staging = staging or {"staging": "in_pause"}
-        self._open("start_weight_update")
+        txn = self._open("start_weight_update")
         try:
             # One engine-core round trip where the order does not matter: each
             # call made while the engine steps waits for the running step.
-            start = self._rpc(self.open_id, "start", staging)
+            start = self._rpc(txn, "start", staging)
             early = staging["staging"] != "in_pause"  # no pause before the start
             version, paused, self.at_boundary, *started = yield (
                 "all", [("get_version",), ("is_paused",), ("can_commit",),
@@ -129,14 +177,25 @@ class Transaction:
                     yield from self._pause()
                 started = [(yield start)]
             results = started[0]
-            self.overlapped = bool(results) and all(
-                isinstance(r, dict) and r.get("overlapped") for r in results)
+            self._started(results)
+            if self.threaded and not self.overlapped:  # the ranks disagree: none stages
+                yield self._rpc(txn, "in_pause")   # beside the weights (worker._in_pause)
+                self.threaded = False
             if not self.overlapped and may_pause and not self.paused_by_us:
                 yield from self._pause()
         except BaseException as exc:
-            yield from self._close(abort=True)
-            raise _rejected(exc) from exc
+            yield from self._close(txn, abort=True)
+            raise self._rejected(exc) from exc
         self.may_pause = may_pause
+
+    def _started(self, results: Any) -> None:
+        """Record every worker's staging decision and the update's lease."""
+        results = [r for r in (results or []) if isinstance(r, dict)]
+        self.overlapped = bool(results) and all(r.get("overlapped") for r in results)
+        self.threaded = any(r.get("overlapped") for r in results)
+        self.decisions = results
+        weight_bytes = max((int(r.get("weight_bytes", 0)) for r in results), default=0)
+        self.lease = lease_seconds(self.vllm_config, weight_bytes)
 
     def update_once(self, staging: dict[str, Any], update_info: Any,
                     weight_version: str | None, allow_fast: bool) -> Steps:
@@ -149,118 +208,145 @@ class Transaction:
         chunk is read between two steps and the commit applies it there: the
         pause's cost, without a pause. A failed step refuses the ones queued
         behind it (``worker._admit``), so nothing is applied."""
-        self._open("start_weight_update")
+        txn = self._open("start_weight_update")
         self.at_boundary, self.chunks = True, 1
         label = None if weight_version is None else str(weight_version)
-        ops = [("get_version",), ("is_paused",), self._rpc(self.open_id, "start", staging),
-               self._rpc(self.open_id, "update:1", update_info),
-               self._commit_op(label, allow_fast)]
-        version, _paused, started, updated, outcome = yield ("settled", ops)
+        ops = [("get_version",), ("is_paused",), self._rpc(txn, "start", staging),
+               self._rpc(txn, "update:1", update_info), self._commit_op(txn, label, allow_fast)]
+        self.commit_waiting = True
+        try:
+            version, _paused, started, updated, outcome = yield ("settled", ops)
+        finally:
+            self.commit_waiting = False
         if not isinstance(version, BaseException):
             self._adopt(parse_version(version))
         if not isinstance(started, BaseException):
-            self.overlapped = all(isinstance(r, dict) and r.get("overlapped") for r in started)
+            self._started(started)
         failed = next((r for r in (started, updated, outcome)
                        if isinstance(r, BaseException)), None)
         if failed is not None and not isinstance(outcome, dict):  # nothing applied
             outcome = failed
-        return (yield from self._commit(outcome))
+        return (yield from self._commit(txn, outcome))
 
     def update(self, update_info: Any) -> Steps:
-        self._require_open("update_weights")
+        txn = self._require_open("update_weights")
         self.chunks += 1
         try:
-            yield self._rpc(self.open_id, f"update:{self.chunks}", update_info)
-            yield from self._wait()
+            self._check_cancel(txn)
+            yield self._rpc(txn, f"update:{self.chunks}", update_info)
+            yield from self._wait(txn)
         except BaseException as exc:
-            yield from self._close(abort=True)
-            raise _rejected(exc) from exc
+            yield from self._close(txn, abort=True)
+            raise self._rejected(exc) from exc
 
     def finish(self, weight_version: str | None, allow_fast: bool) -> Steps:
         """Check every worker, then apply; returns the new version."""
-        self._require_open("finish_weight_update")
+        txn = self._require_open("finish_weight_update")
         label = str(self.version + 1) if weight_version is None else str(weight_version)
         if self.overlapped and self.at_boundary:
-            return (yield from self._commit(self._commit_op(label, allow_fast)))
+            try:
+                self._check_cancel(txn)
+            except BaseException as exc:
+                yield from self._close(txn, abort=True)
+                raise self._rejected(exc) from exc
+            self.commit_waiting = True
+            try:
+                outcome = yield self._commit_op(txn, label, allow_fast)
+            except BaseException as exc:  # noqa: BLE001 - handled by _commit
+                outcome = exc
+            finally:
+                self.commit_waiting = False
+            return (yield from self._commit(txn, outcome))
         try:
             if not self.prepared:  # else every worker checked after the last chunk
-                yield self._rpc(self.open_id, "check")
-                yield from self._wait()
+                yield self._rpc(txn, "check")
+                yield from self._wait(txn)
+            self._check_cancel(txn)  # the last point where nothing is applied yet
             if self.overlapped and self.may_pause:
                 yield from self._pause()
         except BaseException as exc:
-            yield from self._close(abort=True)
-            raise _rejected(exc) from exc
+            yield from self._close(txn, abort=True)
+            raise self._rejected(exc) from exc
         try:
-            self.last_apply = yield self._rpc(self.open_id, "finish", allow_fast)
+            self.last_apply = yield self._rpc(txn, "finish", allow_fast)
         except BaseException as exc:
-            yield from self._close(abort=False)
+            yield from self._close(txn, abort=False)
             raise WeightSyncCorruptedError(f"applying a validated update failed: {exc}") from exc
         self._adopt(parse_version(label), default=self.version + 1)
         try:
             yield ("set_version", label)
         finally:
-            yield from self._close(abort=False)
+            yield from self._close(txn, abort=False)
         return self.version
 
-    def _commit_op(self, label: str | None, allow_fast: bool) -> Op:
+    def _commit_op(self, txn: str, label: str | None, allow_fast: bool) -> Op:
         self.steps.append("commit")
-        txn = self.open_id
         return ("commit", txn, proof.sign(txn, "commit"), label, str(self.version + 1),
                 allow_fast)
 
-    def _commit(self, op: Op | dict[str, Any] | BaseException) -> Steps:
-        """Overlapped, on an ``AsyncLLM``: one engine-core call applies the
-        update and relabels between two steps, no pause
-        (``weights.boundary_commit``); it first waits for staging if needed.
-        ``op``: the call, or its outcome when it was sent already."""
-        try:
-            if isinstance(op, BaseException):
-                raise op
-            outcome = op if isinstance(op, dict) else (yield op)
-        except BaseException as exc:
-            yield from self._close(abort=True)
-            raise _rejected(exc) from exc
+    def _commit(self, txn: str, outcome: dict[str, Any] | BaseException) -> Steps:
+        """Overlapped, on an ``AsyncLLM``: one engine-core call applied the
+        update and relabelled between two steps, no pause
+        (``weights.boundary_commit``), or said why it did not."""
+        if isinstance(outcome, BaseException):
+            yield from self._close(txn, abort=True)
+            raise self._rejected(outcome) from outcome
         self.steps.extend(outcome["steps"])
         if outcome.get("failed") == "staging":
-            yield from self._close(abort=True)
-            raise _rejected(RuntimeError(outcome["error"]))
-        yield from self._close(abort=False)
+            yield from self._close(txn, abort=True)
+            raise self._rejected(RuntimeError(outcome["error"]))
+        yield from self._close(txn, abort=False)
         if outcome.get("failed") == "apply":
             raise WeightSyncCorruptedError(
                 f"applying a validated update failed: {outcome['error']}")
         self.last_apply = outcome["applied"]
         self._adopt(parse_version(outcome["label"]), default=self.version + 1)
         # The reply can overtake outputs of the steps before the commit inside
-        # the front end; give them time to reach their streams first, as
-        # ``AsyncLLM.pause_generation`` does (the engine keeps stepping).
-        yield ("sleep", DELIVERY_SECONDS)
+        # the front end: return once the front end has delivered every output
+        # the engine core sent before it (``weights.delivery``).
+        yield ("delivered",)
         return self.version
 
-    def abort(self) -> Steps:
-        """Drop an open update (e.g. the trainer died between start and finish)."""
-        self._require_open("abort_weight_update")
-        yield from self._close(abort=True)
+    def abort(self, victim: str | None = None, why: str = "aborted by its caller") -> Steps:
+        """Drop the open update (``victim``: only if it is still that one), e.g.
+        the trainer died between start and finish; returns the id dropped, or
+        ``None`` when there was nothing to drop."""
+        txn = self.open_id
+        if txn is None or (victim is not None and txn != victim):
+            return None
+        self.cancelled = (txn, why)
+        yield from self._close(txn, abort=True)
+        return txn
 
     # ----------------------------------------------------------- helpers
-    def _open(self, call: str) -> None:
+    def _open(self, call: str) -> str:
         self._require_closed(call)
         self.open_id, self.chunks, self.polls = proof.new_txn_id(), 0, 0
-        self.prepared, self.steps = False, []
+        self.prepared, self.steps, self.cancelled = False, [], None
         self.started_at, self.paused_at, self.overlapped = time.perf_counter(), None, False
+        self.threaded, self.decisions = False, []
+        self.progress()
+        return self.open_id
+
+    def _check_cancel(self, txn: str) -> None:
+        if self.cancelled is not None and self.cancelled[0] == txn:
+            raise WeightUpdateError(f"weight update {txn[:8]} stopped: {self.cancelled[1]}; "
+                                    f"model unchanged")
 
     def _pause(self) -> Steps:
         yield ("pause",)
         self.paused_by_us, self.paused_at = True, time.perf_counter()
 
-    def _wait(self) -> Steps:
+    def _wait(self, txn: str) -> Steps:
         """Overlapped: poll until every worker's staging thread is done with
         what it was given (each poll is one short RPC between engine steps);
-        note whether every worker also finished the update (``prepared``)."""
+        note whether every worker also finished the update (``prepared``).
+        An abort or an expired lease stops the wait (``cancelled``)."""
         delay = 0.002
         while self.overlapped:
+            self._check_cancel(txn)
             self.polls += 1
-            states = yield self._rpc(self.open_id, f"poll:{self.polls}")
+            states = yield self._rpc(txn, f"poll:{self.polls}")
             if all(s["done"] for s in states):
                 self.prepared = all(s["prepared"] for s in states)
                 return
@@ -278,48 +364,102 @@ class Transaction:
         elif default is not None:
             self.version = default
 
-    def _close(self, abort: bool) -> Steps:
-        txn, self.open_id = self.open_id, None
+    def _close(self, txn: str, abort: bool) -> Steps:
+        """End update ``txn`` (if it is still the open one): drop its staging on
+        every worker if ``abort``, release our pause; only then is it closed
+        (nothing sees the update closed while generation is still paused)."""
+        if self.open_id != txn:
+            return
         try:
-            if abort and txn is not None:
+            if abort:
                 try:
                     yield self._rpc(txn, "abort")
                 except Exception:  # noqa: BLE001 - the original error is what matters
                     logger.exception("dropping a staged weight update failed")
         finally:
-            if self.paused_by_us:
-                self.paused_by_us = False
-                yield ("resume",)
-            now = time.perf_counter()
-            self.last_pause_seconds = now - self.paused_at if self.paused_at else 0.0
-            self.last_update_seconds = now - self.started_at
+            try:
+                if self.paused_by_us:
+                    self.paused_by_us = False
+                    yield ("resume",)
+            finally:
+                self._closed(txn)
 
-    def _require_open(self, call: str) -> None:
+    def _closed(self, txn: str) -> None:
+        self.open_id = None
+        if self.cancelled is not None and self.cancelled[0] == txn:
+            self.ended, self.cancelled = self.cancelled, None
+        now = time.perf_counter()
+        self.last_pause_seconds = now - self.paused_at if self.paused_at else 0.0
+        self.last_update_seconds = now - self.started_at
+        while self.on_close:
+            self.on_close.pop()()
+
+    def _require_open(self, call: str) -> str:
         if self.open_id is None:
+            last = "" if self.ended is None else (
+                f"; the last one, {self.ended[0][:8]}, was stopped: {self.ended[1]}")
             raise TransactionStateError(f"{call}: no weight update is in progress "
-                                        f"(call start_weight_update first)")
+                                        f"(call start_weight_update first){last}")
+        self.progress()
+        return self.open_id
 
     def _require_closed(self, call: str) -> None:
         if self.open_id is not None:
-            raise TransactionStateError(f"{call}: a weight update is in progress; "
-                                        f"finish_weight_update (or abort) it first")
+            raise TransactionStateError(f"{call}: weight update {self.open_id[:8]} is in "
+                                        f"progress; finish_weight_update (or abort) it first")
 
+    def require_closed(self, call: str) -> None:
+        """For calls that must not run inside an update (pause, resume, a
+        version label): refused, naming the open update."""
+        self._require_closed(call)
 
-def _rejected(exc: BaseException) -> BaseException:
-    """What the caller sees when a step before the apply failed."""
-    if isinstance(exc, (WeightUpdateError, TransactionStateError)):
-        return exc
-    text = str(exc)
-    # vLLM wraps worker errors; keep the worker's own message readable.
-    return WeightUpdateError(text if "model unchanged" in text else
-                             f"weight update failed before anything was applied, model "
-                             f"unchanged: {text}")
+    def _rejected(self, exc: BaseException) -> BaseException:
+        """What the caller sees when a step before the apply failed: what state
+        the model is in, for this engine's backend."""
+        if isinstance(exc, (WeightUpdateError, TransactionStateError)):
+            return exc
+        text = str(exc)
+        if not self.staged_backend:  # vLLM's nccl / ipc write the live parameters
+            return WeightUpdateError(
+                f"weight update failed; weight backend {self.backend!r} streams into the "
+                f"live weights, so the model may now hold part of this update, and "
+                f"generation has resumed on it (weight version unchanged): send a complete "
+                f"update next. Error: {text}")
+        # vLLM wraps worker errors; keep the worker's own message readable.
+        return WeightUpdateError(text if "model unchanged" in text else
+                                 f"weight update failed before anything was applied, model "
+                                 f"unchanged: {text}")
+
+    @property
+    def backend(self) -> str | None:
+        transfer = getattr(self.vllm_config, "weight_transfer_config", None)
+        return getattr(transfer, "backend", None)
+
+    @property
+    def staged_backend(self) -> bool:
+        """Our backends stage every byte before anything is applied."""
+        from vllm_rl_compat.weights.registry import is_ours
+
+        return is_ours(self.backend)
 
 
 # -------------------------------------------------------------- drivers
-def run(steps: Steps, port: Any) -> Any:
+def run(steps: Steps, port: Any, txn: Transaction) -> Any:
     """Execute ``steps`` on a synchronous port (``LLMPort``; no ``("settled", ...)``:
-    only ``update_once`` sends it, on an ``AsyncLLM``)."""
+    only ``update_once`` sends it, on an ``AsyncLLM``), holding the engine's
+    step lock. An open update idle past its lease is aborted first (an offline
+    ``LLM`` has no other thread to do it: its next call does)."""
+    with txn.step_lock:
+        if txn.is_open and txn.idle_seconds() > txn.lease:
+            _drive(txn.abort(why=_lease_why(txn)), port)
+        txn.progress()
+        try:
+            return _drive(steps, port)
+        finally:
+            txn.progress()
+
+
+def _drive(steps: Steps, port: Any) -> Any:
     result: Any = None
     error: BaseException | None = None
     while True:
@@ -335,8 +475,13 @@ def run(steps: Steps, port: Any) -> Any:
             result, error = None, exc
 
 
-async def run_async(steps: Steps, port: Any) -> Any:
-    """Execute ``steps`` on an asynchronous port (``AsyncLLMPort``).
+def _lease_why(txn: Transaction) -> str:
+    return f"its lease expired ({txn.lease:.3g} s without a call or progress)"
+
+
+async def run_async(steps: Steps, port: Any, txn: Transaction) -> Any:
+    """Execute ``steps`` on an asynchronous port (``AsyncLLMPort``) holding the
+    engine's step lock; an update left open gets a lease watch.
 
     A call is atomic with respect to task cancellation: an operation already
     sent to the engine (e.g. the apply) is awaited to its end and its real
@@ -344,6 +489,57 @@ async def run_async(steps: Steps, port: Any) -> Any:
     are done, so a cancel never leaves staging, a half-closed transaction or
     applied weights with an old version label behind.
     """
+    async with txn.async_lock:
+        txn.progress()
+        try:
+            return await _drive_async(steps, port)
+        finally:
+            txn.progress()
+            if txn.is_open:
+                _watch_lease(txn, port)
+
+
+async def stop_async(txn: Transaction, port: Any, why: str) -> str | None:
+    """Abort the open update from outside its steps (``abort_weight_update``, an
+    expired lease): mark it cancelled, so a step that waits (staging polls, an
+    engine-core commit not yet applied) stops at its next safe point, then
+    take the lock and drop whatever is still open. Returns the id dropped."""
+    victim = txn.request_cancel(why)
+    if victim is None:
+        return None
+    if txn.commit_waiting:
+        await port.cancel_commit(victim, why)
+    async with txn.async_lock:
+        dropped = await _drive_async(txn.abort(victim, why), port)
+    return dropped or (victim if txn.ended and txn.ended[0] == victim else None)
+
+
+def _watch_lease(txn: Transaction, port: Any) -> None:
+    """One watch per open update: abort it once it has gone ``lease`` seconds
+    without a call (a trainer that died after start); it ends when the
+    update closes."""
+    watched = txn.open_id
+    if watched is None or txn.watched == watched:
+        return
+    txn.watched = watched
+    closed = asyncio.Event()
+    txn.on_close.append(closed.set)
+
+    async def watch() -> None:
+        while txn.open_id == watched:
+            left = txn.lease - txn.idle_seconds()
+            if left > 0:
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(closed.wait(), left)
+                continue
+            logger.warning("weight update %s aborted: %s", watched[:8], _lease_why(txn))
+            await stop_async(txn, port, _lease_why(txn))
+            return
+
+    asyncio.ensure_future(watch())
+
+
+async def _drive_async(steps: Steps, port: Any) -> Any:
     result: Any = None
     error: BaseException | None = None
     cancelled = False
@@ -406,6 +602,9 @@ class LLMPort:
     def sleep(self, seconds: float) -> None:
         time.sleep(seconds)
 
+    def delivered(self) -> None:
+        """``generate`` reads the engine's outputs itself: nothing in flight."""
+
     def get_version(self) -> str:
         return self.llm.llm_engine.get_weight_version()
 
@@ -423,10 +622,10 @@ class AsyncLLMPort:
         return await self.engine.collective_rpc(WORKER_METHOD, kwargs=kwargs)
 
     async def pause(self) -> None:
-        await self.engine.pause_generation(mode="keep", clear_cache=False)
+        await _unguarded(self.engine, "pause_generation")(mode="keep", clear_cache=False)
 
     async def resume(self) -> None:
-        await self.engine.resume_generation()
+        await _unguarded(self.engine, "resume_generation")()
 
     async def is_paused(self) -> bool:
         return await self.engine.is_paused()
@@ -444,6 +643,18 @@ class AsyncLLMPort:
         return await self.engine.engine_core.call_utility_async(
             METHOD, txn, signed, label, default, allow_fast)
 
+    async def cancel_commit(self, txn: str, why: str) -> None:
+        """Stop a commit still waiting in the engine core for staging."""
+        from vllm_rl_compat.weights.boundary_commit import CANCEL
+
+        await self.engine.engine_core.call_utility_async(CANCEL, txn,
+                                                         proof.sign(txn, "cancel"), why)
+
+    async def delivered(self) -> None:
+        from vllm_rl_compat.weights.delivery import delivered
+
+        await delivered(self.engine)
+
     async def sleep(self, seconds: float) -> None:
         await asyncio.sleep(seconds)
 
@@ -451,4 +662,12 @@ class AsyncLLMPort:
         return await self.engine.get_weight_version()
 
     async def set_version(self, label: str) -> None:
-        await self.engine.update_weight_version(label)
+        await _unguarded(self.engine, "update_weight_version")(label)
+
+
+def _unguarded(engine: Any, name: str) -> Any:
+    """vLLM's own method, past the guard that refuses it while an update is
+    open (``weights.native``): the transaction itself calls it."""
+    from vllm_rl_compat.patching import original_of
+
+    return original_of(type(engine), name).__get__(engine)

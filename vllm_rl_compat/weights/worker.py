@@ -14,6 +14,9 @@ calls worker methods by name) reaches nothing else of ours:
   ``weights.boundary_commit``, signs its own ``poll:cK`` / ``check`` /
   ``finish`` steps, and may be queued behind a step that fails).
 
+vLLM's own worker methods that change weights, ``reload_weights`` and
+``reset_weights``, are refused in RL mode outside these steps (``install``).
+
 Steps: ``init`` / ``shutdown`` (vLLM's ``init_weight_transfer_engine`` /
 ``shutdown_weight_transfer_engine``), ``start`` (says whether this update is
 staged overlapped, ``weights.staging``), ``update:N`` (vLLM's
@@ -96,7 +99,7 @@ class WeightSyncExtension:
             raise RuntimeError("this engine has no weight_transfer_config (RL mode sets one "
                                "unless weight_sync is off)")
         try:
-            with _authorized(engine):
+            with _authorized(engine), _in_step(self):
                 return _STEPS[name](self, engine, info)
         except Exception as exc:
             if state["open"] == txn:  # later steps of this update are refused
@@ -125,6 +128,17 @@ def _admit(worker: Any, txn: str, step: str) -> dict[str, Any]:
         state["open"] = None
     state["done"].add(key)
     return state
+
+
+@contextlib.contextmanager
+def _in_step(worker: Any) -> Iterator[None]:
+    """Mark the worker as running one of our steps: vLLM's own weight-changing
+    methods (``reload_weights``) may run only inside one (``_guard``)."""
+    worker.__dict__["_rl_compat_in_step"] = True
+    try:
+        yield
+    finally:
+        worker.__dict__["_rl_compat_in_step"] = False
 
 
 @contextlib.contextmanager
@@ -172,14 +186,22 @@ def _start(worker: Any, engine: Any, info: Any) -> dict[str, Any]:
     ``in_pause``, stage it beside the live weights (``weights.staging``)."""
     worker.start_weight_update()
     mode = (info or {}).get("staging", "in_pause")
+    size = {"weight_bytes": _spec(worker).total_bytes}  # sizes the update's lease
     if not _is_ours(engine) or mode == "in_pause":
-        return {"overlapped": False, "why": "in_pause"}
+        return {"overlapped": False, "why": "in_pause", **size}
     plan = _fast_reloader(worker) if (info or {}).get("allow_fast", True) else None
-    return engine.begin_overlapped(worker.model_runner.get_model(), plan,
-                                   explicit=mode == "overlapped",
-                                   max_gib=float((info or {}).get("max_gib", 0.0)),
-                                   copy_plan=bool((info or {}).get("copy_plan", False)),
-                                   keep=bool((info or {}).get("keep", False)))
+    return {**engine.begin_overlapped(worker.model_runner.get_model(), plan,
+                                      explicit=mode == "overlapped",
+                                      max_gib=float((info or {}).get("max_gib", 0.0)),
+                                      copy_plan=bool((info or {}).get("copy_plan", False)),
+                                      keep=bool((info or {}).get("keep", False))), **size}
+
+
+def _in_pause(worker: Any, engine: Any, info: Any) -> None:
+    """The front end's collective decision: some rank cannot stage beside its
+    weights, so none does (every rank applies in the pause, consistently)."""
+    if _is_ours(engine):
+        engine.in_pause()
 
 
 def _poll(worker: Any, engine: Any, info: Any) -> dict[str, bool]:
@@ -225,15 +247,49 @@ def _swap(worker: Any, engine: Any) -> dict[str, Any]:
             "fast": True, "overlapped": True, **loaded}
 
 
-def _abort(worker: Any, engine: Any, info: Any) -> None:
-    if _is_ours(engine):
-        engine.drop()
+def _abort(worker: Any, engine: Any, info: Any) -> dict[str, bool]:
+    """Drop the update; ``stopped``: no staging work of it still runs."""
+    stopped = engine.drop() if _is_ours(engine) else True
     worker._weight_update_active = False
     engine.reset_weight_update_target()
+    return {"stopped": stopped}
 
 
-_STEPS = {"init": _init, "shutdown": _shutdown, "start": _start, "update": _update,
-          "poll": _poll, "check": _check, "finish": _finish, "abort": _abort}
+_STEPS = {"init": _init, "shutdown": _shutdown, "start": _start, "in_pause": _in_pause,
+          "update": _update, "poll": _poll, "check": _check, "finish": _finish,
+          "abort": _abort}
+
+
+# ------------------------------------------------------------------ guard
+def _guard(name: str) -> Any:
+    """vLLM's worker methods that change weights (``reload_weights``,
+    ``reset_weights``: dev mode's ``/collective_rpc`` and ``/weight_checker``
+    reach them) run in RL mode only inside one of our steps: elsewhere they
+    would change the weights with no pause, version or derived state."""
+    def wrap(original: Any) -> Any:
+        def method(self: Any, *args: Any, **kwargs: Any) -> Any:
+            from vllm_rl_compat.weights.versions import weight_sync_on
+
+            if weight_sync_on(self.vllm_config) and not self.__dict__.get(
+                    "_rl_compat_in_step"):
+                raise PermissionError(
+                    f"{name} refused in RL mode: it would change the weights outside a "
+                    f"weight-update transaction (no pause, no version, no fp32 head "
+                    f"refresh); use start_weight_update / update_weights / "
+                    f"finish_weight_update (or WeightSync)")
+            return original(self, *args, **kwargs)
+        return method
+    return wrap
+
+
+def install() -> None:
+    """Worker process: refuse vLLM's weight-changing worker methods outside a step."""
+    from vllm_rl_compat.patching import patch_method, when_imported
+
+    def apply(module: Any) -> None:
+        for name in ("reload_weights", "reset_weights"):
+            patch_method(module.Worker, name, _guard(name))
+    when_imported("vllm.v1.worker.gpu_worker", apply)
 
 
 # ------------------------------------------------------------------ apply
