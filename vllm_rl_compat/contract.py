@@ -99,6 +99,8 @@ ENTRIES: tuple[Entry, ...] = (
     *(Entry(f"{_WORKER}.{n}", "wrap", "changes weights: refused in RL mode outside the "
             "transaction (which calls reload_weights itself)")
       for n in ("reload_weights", "reset_weights")),
+    Entry(f"{_WORKER}.initialize_from_config", "wrap",
+          "after the model loads: its load_weights refused outside the transaction"),
     Entry("vllm.v1.engine.core_client:AsyncMPClient.get_output_async", "wrap",
           "delivery barrier: a commit returns once earlier outputs reached their streams",
           ("self",)),

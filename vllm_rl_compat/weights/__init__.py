@@ -35,7 +35,9 @@ Refused while an update is open (``TransactionStateError``, HTTP 409, the
 update named): a second ``start``, ``init`` / ``shutdown``,
 ``pause_generation``, ``resume_generation``, ``update_weight_version``.
 Refused in RL mode outside a step: vLLM's ``reload_weights`` /
-``reset_weights`` worker methods. A failure before the apply leaves the
+``reset_weights`` worker methods and the live model's ``load_weights`` (what
+RL frameworks' worker extensions call). The first overlapped update checks
+that it writes every parameter (``staging.StagedWeights.unwritten``). A failure before the apply leaves the
 model unchanged (our backends stage every byte first; vLLM's ``nccl`` /
 ``ipc`` stream into the live weights, and the error says so); a failure
 during the apply is ``WeightSyncCorruptedError``. A commit returns only once

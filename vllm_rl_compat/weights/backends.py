@@ -165,6 +165,8 @@ class RLCompatWeightTransferEngine(
         self._plan: Any = None  # CopyPlan once recorded, or why it cannot be
         self._kept: Any = None  # StagedWeights of the last swap (weight_staging_keep)
         self._keepable: bool | None = None  # this model's stage can be kept (None: unchecked)
+        # every parameter is written by an update (None: unchecked; str: why not)
+        self._covered: bool | str | None = None
 
     @property
     def spec(self) -> Any:
@@ -238,6 +240,8 @@ class RLCompatWeightTransferEngine(
             "it is built for unquantized models on the CPU platform (the fast CPU apply's "
             "plan, which this engine does not qualify for: see the log line 'weight "
             "updates use vLLM's layerwise reload')")
+        if isinstance(self._covered, str):
+            reason = self._covered
         if self._job is not None and self._job.busy():
             raise WeightUpdateError(
                 "the staging thread still runs an aborted update's work (blocked in a "
@@ -279,6 +283,8 @@ class RLCompatWeightTransferEngine(
             stage.reuse()
         else:
             stage = staging.build(model, plan)
+            if self._covered is None:
+                stage.poison()  # checked once, at the first complete update
         overlap.stage = stage
         if not copy_plan or isinstance(self._plan, str):
             return
@@ -384,6 +390,8 @@ class RLCompatWeightTransferEngine(
             return
         overlap.check()
         self.spec.validate(overlap.entries)
+        if self._covered is None:
+            self._check_coverage(overlap.stage)
         overlap.stage.prepare()
         if overlap.keep and self._keepable is None:  # once: the model's processing
             refused = overlap.stage.captured_by_derived_state()
@@ -401,6 +409,22 @@ class RLCompatWeightTransferEngine(
             logger.info("%d tensors of this update differ in dtype or layout from the "
                         "recorded copy plan; vLLM's load_weights loaded them",
                         overlap.misfits)
+
+    def _check_coverage(self, stage: Any) -> None:
+        """Refuse a staged update that leaves a parameter the model reads
+        unwritten (it would be swapped in uninitialised); later updates of
+        this engine then stage in the pause, which loads in place."""
+        from vllm_rl_compat.weights.spec import WeightUpdateError
+
+        missing = stage.unwritten()
+        if not missing:
+            self._covered = True
+            return
+        self._covered = (f"parameters no checkpoint tensor writes through the model's "
+                         f"loader: {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
+        raise WeightUpdateError(f"overlapped weight staging refused: {self._covered}; they "
+                                f"would be swapped in uninitialised; model unchanged (later "
+                                f"updates stage in the pause, which loads in place)")
 
     @property
     def overlapped(self) -> bool:

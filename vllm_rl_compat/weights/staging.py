@@ -108,6 +108,7 @@ class StagedWeights:
     slots: list[torch.nn.Parameter] = field(default_factory=list)  # every new parameter
     fillings: dict[int, Filling] = field(default_factory=dict)  # slot index -> packed
     prepared: bool = False
+    names: dict[int, str] = field(default_factory=dict)  # id(slot) -> the live parameter's name
 
     def load(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Load (part of) a validated update into the shadow (staging thread)."""
@@ -185,6 +186,28 @@ class StagedWeights:
         for entry in self.packed:
             entry.done = False
 
+    def poison(self) -> None:
+        """Fill every unpacked float slot with NaN (staging thread, before the
+        first load): after a complete update, a slot still all NaN was written
+        by no tensor of it (``unwritten``)."""
+        filled = {id(f.param) for f in self.fillings.values()}
+        with torch.no_grad():
+            for slot in self.slots:
+                if id(slot) not in filled and slot.is_floating_point():
+                    slot.fill_(float("nan"))
+
+    def unwritten(self) -> list[str]:
+        """Parameters the model reads that the loaded update did not write: an
+        unpacked slot still all NaN after ``poison``, a packed layer that got
+        no element. Swapped in, they would hold garbage."""
+        filled = {id(f.param) for f in self.fillings.values()}
+        missing = [self.names.get(id(s), "?") for s in self.slots
+                   if id(s) not in filled and s.is_floating_point() and s.numel()
+                   and bool(torch.isnan(s).all())]
+        missing += [self.names.get(id(e.layer.weight), type(e.layer).__name__)
+                    for e in self.packed if not e.done and not e.layer.weight.numel()]
+        return missing
+
     def held_bytes(self) -> int:
         """Memory the stage holds between updates (its parameters' storage)."""
         return sum(s.numel() * s.element_size() for s in self.slots)
@@ -240,6 +263,8 @@ def build(model: torch.nn.Module, plan: FastReloader) -> StagedWeights:
             return modules[id(module)]
         shadow = object.__new__(type(module))
         shadow.__dict__.update(module.__dict__)
+        if getattr(shadow.__dict__.get("load_weights"), "_rl_compat_load_guard", False):
+            del shadow.__dict__["load_weights"]  # the live model's guard (worker._guard_model)
         modules[id(module)] = shadow
         shadow._buffers = dict(module._buffers)
         shadow._modules = {n: clone(c) if c is not None else None
@@ -270,6 +295,12 @@ def build(model: torch.nn.Module, plan: FastReloader) -> StagedWeights:
         return shadow
 
     staged.root = clone(model)
+    live_names = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
+    for module, shadow in pairs:
+        for key, param in module._parameters.items():
+            new = shadow._parameters.get(key)
+            if param is not None and new is not None:
+                staged.names.setdefault(id(new), live_names.get(id(param), key))
     # A tied fp32 head's shadow is filled by the embedding's loader: point the
     # shadow embedding's loader at the shadow head, not the live one.
     for param in params.values():

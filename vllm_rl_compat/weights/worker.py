@@ -282,13 +282,58 @@ def _guard(name: str) -> Any:
     return wrap
 
 
+LOAD_GUARD = "_rl_compat_load_guard"  # marks the guard on a live model's load_weights
+_ROUTE = ("load weights through vLLM's RL API (start_weight_update / update_weights / "
+          "finish_weight_update, with an rl_compat_* weight_transfer_config backend) or "
+          "vllm_rl_compat.weight_sync.WeightSync.update_from_tensors")
+
+
+def _guard_model(worker: Any) -> None:
+    """RL mode: the live model's ``load_weights`` runs only inside one of our
+    steps. RL frameworks call it directly from a worker extension (OpenRLHF's
+    ``WorkerWrap.update_weight``, TRL's ``update_named_param`` and colocate
+    ``sync_weights``, PipelineRL's ``receive_weight_update``): that would
+    change the weights behind the transaction -- the fp32 head, the CPU
+    packed copies and the engine core's version label cannot follow from a
+    worker -- so it fails, naming the supported route. An instance attribute
+    (``weights.staging`` leaves it off the shadow models it builds)."""
+    model = worker.model_runner.get_model()
+    original = model.load_weights
+    if getattr(original, LOAD_GUARD, False):
+        return
+
+    def load_weights(*args: Any, **kwargs: Any) -> Any:
+        if not worker.__dict__.get("_rl_compat_in_step"):
+            raise PermissionError(
+                f"model.load_weights called outside a weight-update transaction in RL "
+                f"mode: the weights would change with no pause and no new version, and "
+                f"the fp32 head and CPU packed weights would not follow; {_ROUTE}")
+        return original(*args, **kwargs)
+
+    setattr(load_weights, LOAD_GUARD, True)
+    model.load_weights = load_weights
+
+
+def _wrap_initialize(original: Any) -> Any:
+    def initialize_from_config(self: Any, *args: Any, **kwargs: Any) -> Any:
+        result = original(self, *args, **kwargs)
+        from vllm_rl_compat.weights.versions import weight_sync_on
+
+        if weight_sync_on(self.vllm_config):
+            _guard_model(self)
+        return result
+    return initialize_from_config
+
+
 def install() -> None:
-    """Worker process: refuse vLLM's weight-changing worker methods outside a step."""
+    """Worker process: refuse vLLM's weight-changing worker methods, and direct
+    calls of the model's ``load_weights``, outside a step."""
     from vllm_rl_compat.patching import patch_method, when_imported
 
     def apply(module: Any) -> None:
         for name in ("reload_weights", "reset_weights"):
             patch_method(module.Worker, name, _guard(name))
+        patch_method(module.Worker, "initialize_from_config", _wrap_initialize)
     when_imported("vllm.v1.worker.gpu_worker", apply)
 
 
