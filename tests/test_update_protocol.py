@@ -522,3 +522,58 @@ async def _fresh_greedy(rig: Rig, path: str) -> list[int]:
     exactness of an update against a fresh engine is ``test_weight_sync``'s)."""
     await rig.update(path)
     return await rig.greedy()
+
+
+class _RecordingPort:
+    """An ``LLMPort`` of two workers that disagree at start: rank 0 can stage
+    beside its weights, rank 1 cannot (memory). Records every operation."""
+
+    def __init__(self) -> None:
+        self.ops: list[str] = []
+
+    def rpc(self, kwargs: dict[str, Any]) -> list[Any]:
+        self.ops.append(kwargs["step"])
+        if kwargs["step"] == "start":
+            return [{"overlapped": True, "weight_bytes": 2**30},
+                    {"overlapped": False, "why": "memory", "weight_bytes": 2**30}]
+        return [{"rank": 0}, {"rank": 1}] if kwargs["step"] == "finish" else [None, None]
+
+    def pause(self) -> None:
+        self.ops.append("pause")
+
+    def resume(self) -> None:
+        self.ops.append("resume")
+
+    def is_paused(self) -> bool:
+        return False
+
+    def can_commit(self) -> bool:
+        return False
+
+    def get_version(self) -> str:
+        return "0"
+
+    def set_version(self, label: str) -> None:
+        self.ops.append(f"label {label}")
+
+
+def test_ranks_that_disagree_on_staging_all_stage_in_the_pause(monkeypatch):
+    """The collective decision: one rank that cannot stage overlapped makes
+    every rank stage in the pause (``in_pause`` before any chunk), so all
+    apply the same way in the same pause; the lease is sized from the
+    workers' weight bytes (120 s + 60 s per GiB)."""
+    from types import SimpleNamespace
+
+    from vllm_rl_compat.weights.transaction import Transaction, run
+
+    monkeypatch.setenv("VLLM_RL_COMPAT_TXN_SECRET", "test-secret")
+    monkeypatch.delenv("VLLM_RL_COMPAT_WEIGHT_UPDATE_LEASE_S", raising=False)
+    txn = Transaction(SimpleNamespace(additional_config={}, weight_transfer_config=SimpleNamespace(
+        backend="rl_compat_files")))
+    port = _RecordingPort()
+    run(txn.start({"staging": "auto"}), port, txn)
+    assert port.ops == ["start", "in_pause", "pause"] and not txn.overlapped
+    assert txn.lease == 180.0
+    run(txn.update({"source": "files", "path": "x"}), port, txn)
+    assert run(txn.finish(None, True), port, txn) == 1
+    assert port.ops[3:] == ["update:1", "check", "finish", "label 1", "resume"], port.ops
