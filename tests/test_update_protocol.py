@@ -564,7 +564,8 @@ def test_ranks_that_disagree_on_staging_all_stage_in_the_pause(monkeypatch):
     workers' weight bytes (120 s + 60 s per GiB)."""
     from types import SimpleNamespace
 
-    from vllm_rl_compat.weights.transaction import Transaction, run
+    from vllm_rl_compat.weights.drive import run
+    from vllm_rl_compat.weights.transaction import Transaction
 
     monkeypatch.setenv("VLLM_RL_COMPAT_TXN_SECRET", "test-secret")
     monkeypatch.delenv("VLLM_RL_COMPAT_WEIGHT_UPDATE_LEASE_S", raising=False)

@@ -36,7 +36,7 @@ from typing import Any, Callable
 from vllm_rl_compat.patching import add_method, patch_method, when_imported
 from vllm_rl_compat.weights import proof
 
-WORKER_METHOD = "rl_compat_txn"  # = transaction.WORKER_METHOD (no import: front-end module)
+WORKER_METHOD = "rl_compat_txn"  # = drive.WORKER_METHOD (no import: front-end module)
 METHOD = "rl_compat_commit"  # the engine-core utility the front end calls
 CANCEL = "rl_compat_commit_cancel"  # ... and the one that stops a waiting commit
 _ATTR = "_rl_compat_commit"

@@ -40,7 +40,7 @@ from vllm_rl_compat.weights.native import (
 )
 from vllm_rl_compat.weights.registry import BACKENDS
 from vllm_rl_compat.weights.shm import remove_shm, write_shm
-from vllm_rl_compat.weights.transaction import AsyncLLMPort, run_async
+from vllm_rl_compat.weights.drive import AsyncLLMPort, run_async
 from vllm_rl_compat.weights.spec import WeightSpec, as_named_tensors
 
 

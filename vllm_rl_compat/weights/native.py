@@ -17,14 +17,8 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from vllm_rl_compat.patching import patch_method, when_imported
-from vllm_rl_compat.weights.transaction import (
-    AsyncLLMPort,
-    LLMPort,
-    Transaction,
-    run,
-    run_async,
-    stop_async,
-)
+from vllm_rl_compat.weights.drive import AsyncLLMPort, LLMPort, run, run_async, stop_async
+from vllm_rl_compat.weights.transaction import Transaction
 from vllm_rl_compat.weights.versions import weight_sync_on
 
 _ATTR = "_rl_compat_txn"
