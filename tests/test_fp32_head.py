@@ -250,10 +250,15 @@ def _update_keeps_fp32_head(llm: Any, model_dir: Path, name: str,
 
 
 def _embed_sync(self: Any, new: Any) -> dict[str, Any]:
-    """Worker: load a new fp32 embedding through vLLM's loader, then refresh."""
+    """Worker: load a new fp32 embedding through vLLM's loader, then refresh
+    (inside a step, where our apply runs the loaders: elsewhere RL mode
+    refuses ``load_weights``)."""
+    from vllm_rl_compat.weights.worker import in_step
+
     model = self.model_runner.get_model()
     value = unpack(new)
-    model.load_weights([("model.embed_tokens.weight", value)])
+    with in_step(self):
+        model.load_weights([("model.embed_tokens.weight", value)])
     fp32_head.refresh_head(model)
     head = model.lm_head
     shadow = fp32_head.head_weight(head)

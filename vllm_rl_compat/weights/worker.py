@@ -99,7 +99,7 @@ class WeightSyncExtension:
             raise RuntimeError("this engine has no weight_transfer_config (RL mode sets one "
                                "unless weight_sync is off)")
         try:
-            with _authorized(engine), _in_step(self):
+            with _authorized(engine), in_step(self):
                 return _STEPS[name](self, engine, info)
         except Exception as exc:
             if state["open"] == txn:  # later steps of this update are refused
@@ -131,9 +131,12 @@ def _admit(worker: Any, txn: str, step: str) -> dict[str, Any]:
 
 
 @contextlib.contextmanager
-def _in_step(worker: Any) -> Iterator[None]:
+def in_step(worker: Any) -> Iterator[None]:
     """Mark the worker as running one of our steps: vLLM's own weight-changing
-    methods (``reload_weights``) may run only inside one (``_guard``)."""
+    methods (``reload_weights``) and the live model's ``load_weights`` run
+    only inside one (``_guard``, ``_guard_model``). ``worker``: vLLM's worker,
+    or the ``WorkerWrapperBase`` a callable sent by ``collective_rpc`` gets."""
+    worker = getattr(worker, "worker", None) or worker
     worker.__dict__["_rl_compat_in_step"] = True
     try:
         yield
