@@ -460,11 +460,6 @@ class RLCompatWeightTransferEngine(
         self._staged, self._overlap, self._kept = [], None, None
         return self._job is None or self._job.cancel(CANCEL_WAIT_S)
 
-    def in_pause(self) -> None:
-        """The ranks disagreed on overlapped staging: this one stages in the
-        pause too (the front end's collective decision)."""
-        self.drop()
-
     def finish_weight_update(self) -> None:
         self._require_authorized("finish_weight_update")
 

@@ -190,23 +190,24 @@ class StagedWeights:
         """Fill every unpacked float slot with NaN (staging thread, before the
         first load): after a complete update, a slot still all NaN was written
         by no tensor of it (``unwritten``)."""
-        filled = {id(f.param) for f in self.fillings.values()}
         with torch.no_grad():
-            for slot in self.slots:
-                if id(slot) not in filled and slot.is_floating_point():
-                    slot.fill_(float("nan"))
+            for slot in self._unpacked_float_slots():
+                slot.fill_(float("nan"))
 
     def unwritten(self) -> list[str]:
         """Parameters the model reads that the loaded update did not write: an
         unpacked slot still all NaN after ``poison``, a packed layer that got
         no element. Swapped in, they would hold garbage."""
-        filled = {id(f.param) for f in self.fillings.values()}
-        missing = [self.names.get(id(s), "?") for s in self.slots
-                   if id(s) not in filled and s.is_floating_point() and s.numel()
-                   and bool(torch.isnan(s).all())]
+        missing = [self.names.get(id(s), "?") for s in self._unpacked_float_slots()
+                   if s.numel() and bool(torch.isnan(s).all())]
         missing += [self.names.get(id(e.layer.weight), type(e.layer).__name__)
                     for e in self.packed if not e.done and not e.layer.weight.numel()]
         return missing
+
+    def _unpacked_float_slots(self) -> Iterator[torch.nn.Parameter]:
+        """Slots loaded in place (a packed layer's counts its own elements)."""
+        filled = {id(f.param) for f in self.fillings.values()}
+        return (s for s in self.slots if id(s) not in filled and s.is_floating_point())
 
     def held_bytes(self) -> int:
         """Memory the stage holds between updates (its parameters' storage)."""
@@ -437,21 +438,22 @@ class StagingJob:
         _staging_thread_setup(compute)
         while True:
             future, fn = self._queue.get()
-            if future.set_running_or_notify_cancel():
-                previous = sys.getswitchinterval()
-                sys.setswitchinterval(SWITCH_INTERVAL_S)
-                try:
-                    result, error = fn(), None
-                except BaseException as exc:  # noqa: BLE001 - reported by done()
-                    result, error = None, exc
-                finally:
-                    sys.setswitchinterval(previous)
-                self._inflight.discard(future)  # not busy once its result is visible
-                if error is None:
-                    future.set_result(result)
-                else:
-                    future.set_exception(error)
-            self._inflight.discard(future)
+            if not future.set_running_or_notify_cancel():
+                self._inflight.discard(future)
+                continue
+            previous = sys.getswitchinterval()
+            sys.setswitchinterval(SWITCH_INTERVAL_S)
+            try:
+                result, error = fn(), None
+            except BaseException as exc:  # noqa: BLE001 - reported by done()
+                result, error = None, exc
+            finally:
+                sys.setswitchinterval(previous)
+            self._inflight.discard(future)  # not busy once its result is visible
+            if error is None:
+                future.set_result(result)
+            else:
+                future.set_exception(error)
 
     def done(self) -> bool:
         """``True`` when everything submitted finished; raises its first error."""

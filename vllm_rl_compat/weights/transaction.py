@@ -105,7 +105,6 @@ class Transaction:
     last_pause_seconds: float | None = None  # pause to resume (0.0: never paused)
     last_update_seconds: float | None = None  # start to the new version live
     threaded: bool = False  # some worker's staging thread works on this update
-    decisions: list[dict[str, Any]] = field(default_factory=list)  # per worker, at start
     # per worker, the last successful apply: {"rank", "head_refreshed", "fast", "overlapped"}
     last_apply: list[dict[str, Any]] | None = None
     step_lock: threading.Lock = field(default_factory=threading.Lock)  # LLM: one step at a time
@@ -149,12 +148,12 @@ class Transaction:
     # ------------------------------------------------------------- steps
     def init(self, init_info: dict[str, Any]) -> Steps:
         """Connect the backend (e.g. join the trainer's broadcast group)."""
-        self._require_closed("init_weight_transfer_engine")
+        self.require_closed("init_weight_transfer_engine")
         txn = proof.new_txn_id()
         yield self._rpc(txn, "init", init_info)
 
     def shutdown(self) -> Steps:
-        self._require_closed("shutdown_weight_transfer_engine")
+        self.require_closed("shutdown_weight_transfer_engine")
         txn = proof.new_txn_id()
         yield self._rpc(txn, "shutdown")
 
@@ -191,11 +190,10 @@ class Transaction:
         self.may_pause = may_pause
 
     def _started(self, results: Any) -> None:
-        """Record every worker's staging decision and the update's lease."""
+        """Read every worker's staging decision and size the update's lease."""
         results = [r for r in (results or []) if isinstance(r, dict)]
         self.overlapped = bool(results) and all(r.get("overlapped") for r in results)
         self.threaded = any(r.get("overlapped") for r in results)
-        self.decisions = results
         weight_bytes = max((int(r.get("weight_bytes", 0)) for r in results), default=0)
         self.lease = lease_seconds(self.vllm_config, weight_bytes)
 
@@ -322,11 +320,11 @@ class Transaction:
 
     # ----------------------------------------------------------- helpers
     def _open(self, call: str) -> str:
-        self._require_closed(call)
+        self.require_closed(call)
         self.open_id, self.chunks, self.polls = proof.new_txn_id(), 0, 0
         self.prepared, self.steps, self.cancelled = False, [], None
         self.started_at, self.paused_at, self.overlapped = time.perf_counter(), None, False
-        self.threaded, self.decisions = False, []
+        self.threaded = False
         self.progress()
         return self.open_id
 
@@ -402,18 +400,14 @@ class Transaction:
                 f"; the last one, {self.ended[0][:8]}, was stopped: {self.ended[1]}")
             raise TransactionStateError(f"{call}: no weight update is in progress "
                                         f"(call start_weight_update first){last}")
-        self.progress()
         return self.open_id
 
-    def _require_closed(self, call: str) -> None:
+    def require_closed(self, call: str) -> None:
+        """Refuse ``call`` while an update is open, naming it (a second start,
+        init / shutdown, a pause, resume or version label: ``native._guard``)."""
         if self.open_id is not None:
             raise TransactionStateError(f"{call}: weight update {self.open_id[:8]} is in "
                                         f"progress; finish_weight_update (or abort) it first")
-
-    def require_closed(self, call: str) -> None:
-        """For calls that must not run inside an update (pause, resume, a
-        version label): refused, naming the open update."""
-        self._require_closed(call)
 
     def _rejected(self, exc: BaseException) -> BaseException:
         """What the caller sees when a step before the apply failed: what state

@@ -130,6 +130,9 @@ def _admit(worker: Any, txn: str, step: str) -> dict[str, Any]:
     return state
 
 
+_IN_STEP = "_rl_compat_in_step"
+
+
 @contextlib.contextmanager
 def in_step(worker: Any) -> Iterator[None]:
     """Mark the worker as running one of our steps: vLLM's own weight-changing
@@ -137,11 +140,15 @@ def in_step(worker: Any) -> Iterator[None]:
     only inside one (``_guard``, ``_guard_model``). ``worker``: vLLM's worker,
     or the ``WorkerWrapperBase`` a callable sent by ``collective_rpc`` gets."""
     worker = getattr(worker, "worker", None) or worker
-    worker.__dict__["_rl_compat_in_step"] = True
+    worker.__dict__[_IN_STEP] = True
     try:
         yield
     finally:
-        worker.__dict__["_rl_compat_in_step"] = False
+        worker.__dict__[_IN_STEP] = False
+
+
+def _outside_step(worker: Any) -> bool:
+    return not worker.__dict__.get(_IN_STEP)
 
 
 @contextlib.contextmanager
@@ -202,9 +209,10 @@ def _start(worker: Any, engine: Any, info: Any) -> dict[str, Any]:
 
 def _in_pause(worker: Any, engine: Any, info: Any) -> None:
     """The front end's collective decision: some rank cannot stage beside its
-    weights, so none does (every rank applies in the pause, consistently)."""
+    weights, so none does (every rank applies in the pause, consistently):
+    this rank drops its overlapped staging and receives in the RPCs."""
     if _is_ours(engine):
-        engine.in_pause()
+        engine.drop()
 
 
 def _poll(worker: Any, engine: Any, info: Any) -> dict[str, bool]:
@@ -273,8 +281,7 @@ def _guard(name: str) -> Any:
         def method(self: Any, *args: Any, **kwargs: Any) -> Any:
             from vllm_rl_compat.weights.versions import weight_sync_on
 
-            if weight_sync_on(self.vllm_config) and not self.__dict__.get(
-                    "_rl_compat_in_step"):
+            if weight_sync_on(self.vllm_config) and _outside_step(self):
                 raise PermissionError(
                     f"{name} refused in RL mode: it would change the weights outside a "
                     f"weight-update transaction (no pause, no version, no fp32 head "
@@ -306,7 +313,7 @@ def _guard_model(worker: Any) -> None:
         return
 
     def load_weights(*args: Any, **kwargs: Any) -> Any:
-        if not worker.__dict__.get("_rl_compat_in_step"):
+        if _outside_step(worker):
             raise PermissionError(
                 f"model.load_weights called outside a weight-update transaction in RL "
                 f"mode: the weights would change with no pause and no new version, and "
