@@ -158,10 +158,10 @@ def _compare_layers(cfg: CheckConfig, scorer: ReferenceScorer,
     import torch
 
     from vllm_rl_compat.parity import layers
-    from vllm_rl_compat.parity.reference import _load_model, _torch_dtype, fp32_head_params
+    from vllm_rl_compat.parity.reference import load_model, torch_dtype, fp32_head_params
 
-    other = _load_model(cfg.trainer_model, torch.float32 if cfg.reference != "fp32"
-                        else _torch_dtype(cfg.dtype))
+    other = load_model(cfg.trainer_model, torch.float32 if cfg.reference != "fp32"
+                        else torch_dtype(cfg.dtype))
     low, high = ((scorer.model, other) if cfg.reference != "fp32" else (other, scorer.model))
     floor = layers.rounding_floor(low, high, list(zip(cfg.prompts, results[0].rollout.token_ids)),
                                   (fp32_head_params(low), fp32_head_params(high)))
