@@ -14,7 +14,7 @@ import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from vllm_rl_compat.parity.metrics import HIGHER_IS_BETTER, METRIC_NAMES
 
@@ -66,11 +66,13 @@ class Threshold:
     limit: float
 
 
-def parse_threshold(text: str) -> Threshold:
-    """Parse ``METRIC=VALUE``; errors name the spec and what is accepted."""
+def parse_threshold(text: str, allowed: Sequence[str] | None = None) -> Threshold:
+    """Parse ``METRIC=VALUE``; errors name the spec and what is accepted
+    (``allowed``: the static report's metrics unless given)."""
     name, sep, raw = text.partition("=")
     name = name.strip()
-    allowed = [m for m in METRIC_NAMES if m not in HIGHER_IS_BETTER]
+    if allowed is None:
+        allowed = [m for m in METRIC_NAMES if m not in HIGHER_IS_BETTER]
     if not sep:
         raise CheckInputError(f"--fail-above {text!r}: expected METRIC=VALUE, "
                               f"e.g. clip_rate=0.05")
@@ -155,12 +157,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="sampling temperature; != 1 makes the logprobs-mode fix visible (default 0.7)")
     add("--top-p", type=float, default=1.0, help="top-p (default 1.0: off)")
     add("--top-k", type=int, default=0, help="top-k (default 0: off)")
-    add("--num-prompts", type=int, default=16, help="prompts to sample (default 16)")
-    add("--max-tokens", type=int, default=64, help="tokens per completion (default 64)")
+    add("--num-prompts", type=int, default=None,
+        help="prompts to sample (default 16; --online: the pool, default 2, every step "
+             "samples each prompt of the pool --groups / pool times)")
+    add("--max-tokens", type=int, default=None,
+        help="tokens per completion (default 64; --online: 32)")
     add("--prompts", type=Path, default=None,
         help="prompt file: one prompt per line, or JSONL (string / prompt / messages)")
-    add("--rows", nargs="+", default=list(DEFAULT_ROWS), metavar="ROW",
-        help=f"rows to run (default: all): {', '.join(ROWS)}")
+    add("--rows", nargs="+", default=None, metavar="ROW",
+        help=f"rows to run (default: all; --online: reference stock rl "
+             f"rl-processed_logprobs rl-v1_defaults): "
+             f"{', '.join(ROWS)}, and with --online also 'reference'")
     add("--epsilon", type=float, default=0.2, help="clip range for clip_rate (default 0.2)")
     add("--reference", choices=REFERENCE_KINDS, default="bf16-fp32head",
         help="trainer reference: model dtype with fp32 lm_head, or all fp32")
@@ -178,6 +185,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
              "diverging layer per row)")
     add("--reference-model", type=Path, default=None, metavar="PATH",
         help="the trainer's checkpoint, when it is not --model (same tokenizer)")
+    online = parser.add_argument_group(
+        "online run (--online): a short GRPO run per row with in-flight weight updates")
+    online.add_argument("--online", action="store_true",
+                        help="measure the mismatch over a real RL run (online.json/.csv/.png)")
+    online.add_argument("--steps", type=int, default=10, help="optimizer steps per row (10)")
+    online.add_argument("--lr", type=float, default=5e-5, help="AdamW learning rate (5e-5)")
+    online.add_argument("--samples", type=int, default=4,
+                        help="samples per prompt, one GRPO group (4)")
+    online.add_argument("--groups", type=int, default=2, help="prompts per step (2)")
+    online.add_argument("--block-size", type=int, default=32,
+                        help="KV block size of every row's engine (32): the prefix cache "
+                             "reuses whole blocks, and vLLM's CPU default (128) is longer "
+                             "than this task's prompts, so it would never hit")
     add("--compile", action="store_true",
         help="let vLLM torch.compile the model (default: enforce_eager; compiling "
              "made engine start-up 3.5x slower on CPU for the same decode speed)")
@@ -189,12 +209,60 @@ def run(args: argparse.Namespace) -> int:
 
     err = Console(stderr=True, soft_wrap=True)  # keep messages on one line
     try:
+        if args.online:
+            from vllm_rl_compat.online import command as online
+
+            return online.execute(_build_online_config(args), err)
+        _apply_defaults(args, num_prompts=16, max_tokens=64, rows=None)
         thresholds = [parse_threshold(t) for t in args.fail_above]
         cfg = _build_config(args, thresholds)
     except (CheckInputError, FileNotFoundError) as exc:
         err.print(f"[red]error:[/red] {exc}", highlight=False)
         return 2
     return _execute(cfg, thresholds, err)
+
+
+def _apply_defaults(args: argparse.Namespace, **defaults: Any) -> None:
+    """Fill the options whose default depends on ``--online``."""
+    from vllm_rl_compat.parity.report import DEFAULT_ROWS
+
+    defaults["rows"] = defaults["rows"] or list(DEFAULT_ROWS)
+    for name, value in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+
+
+def _build_online_config(args: argparse.Namespace) -> Any:
+    """``--online``: validate everything, then an ``OnlineConfig``."""
+    from vllm_rl_compat.online import command as online
+
+    _apply_defaults(args, num_prompts=2, max_tokens=32, rows=list(online.DEFAULT_ROWS))
+    thresholds = [parse_threshold(t, online.METRICS) for t in args.fail_above]
+    rows = _expand_rows(args.rows)
+    bad = [r for r in rows if r not in online.row_names()]
+    if bad:
+        raise CheckInputError(f"--rows: unknown row(s) {', '.join(map(repr, bad))}; "
+                              f"choose from {', '.join(online.row_names())}")
+    if thresholds and "rl" not in rows:
+        raise CheckInputError("--fail-above checks the 'rl' row, which --rows leaves out")
+    if args.layers or args.reference_model:
+        raise CheckInputError("--layers and --reference-model apply to the static report, "
+                              "not to --online")
+    _check_numbers(args)
+    online.check_options(args)
+    model = _resolve_model(args.model)
+    from vllm_rl_compat.online.task import PROMPTS
+
+    texts = read_prompt_file(args.prompts) if args.prompts else list(PROMPTS)
+    prompts = tokenize_prompts(model, texts[: args.num_prompts])
+    max_len = _fit_max_model_len(model, args.max_model_len, prompts, args.max_tokens)
+    return online.OnlineConfig(
+        model=str(model), prompts=prompts, rows=rows, steps=args.steps, groups=args.groups,
+        samples=args.samples, lr=args.lr, epsilon=args.epsilon,
+        temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+        max_tokens=args.max_tokens, seed=args.seed, dtype=args.dtype,
+        reference=args.reference, max_model_len=max_len, kv_cache_gib=args.kv_cache_gib,
+        block_size=args.block_size, enforce_eager=not args.compile, out=args.out, thresholds=thresholds)
 
 
 def _build_config(args: argparse.Namespace, thresholds: list[Threshold]) -> Any:
