@@ -134,6 +134,7 @@ async def _engine_row(spec: RowSpec, trainer: Any, emit: Emit) -> dict[str, Any]
     from vllm.v1.engine.async_llm import AsyncLLM
 
     from vllm_rl_compat.online.push import StockPush, TransactionPush
+    from vllm_rl_compat.parity.rollout import engine_settings
 
     t0 = time.perf_counter()
     engine = AsyncLLM.from_engine_args(AsyncEngineArgs(
@@ -141,7 +142,7 @@ async def _engine_row(spec: RowSpec, trainer: Any, emit: Emit) -> dict[str, Any]
         enforce_eager=spec.enforce_eager, seed=spec.seed, **spec.engine_kwargs))
     push: Any = None
     try:
-        settings = _engine_settings(engine)
+        settings = engine_settings(engine.vllm_config)
         push = (await TransactionPush.create(engine) if spec.weight_fix
                 else StockPush(engine, spec.model))
         if not spec.weight_fix:
@@ -179,17 +180,6 @@ async def _engine_row(spec: RowSpec, trainer: Any, emit: Emit) -> dict[str, Any]
             push.close()
         engine.shutdown()
         del engine
-
-
-def _engine_settings(engine: Any) -> dict[str, Any]:
-    cfg = engine.vllm_config
-    return {
-        "logprobs_mode": str(cfg.model_config.logprobs_mode),
-        "enable_prefix_caching": cfg.cache_config.enable_prefix_caching,
-        "async_scheduling": cfg.scheduler_config.async_scheduling,
-        "head_dtype": str(getattr(cfg.model_config, "head_dtype", None)),
-        "additional_config": cfg.additional_config,
-    }
 
 
 def _eos_ids(model_dir: str) -> set[int]:

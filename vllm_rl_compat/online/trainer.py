@@ -107,13 +107,13 @@ class OnlineTrainer:
         advantages (group-normalised rewards)."""
         advantages = group_advantages([s.reward for s in samples], self.group_size)
         total = sum(len(s.tokens) for s in samples)
-        head = None
+        out = self.master.get_output_embeddings()  # fp32 master: no copy, differentiable
+        head = (out.weight, getattr(out, "bias", None))
         loss_sum = 0.0
         self.opt.zero_grad(set_to_none=True)
         for s, adv in zip(samples, advantages):
             if not s.tokens or adv == 0.0:
                 continue
-            head = (self.master.get_output_embeddings().weight, None)
             lp = sampled(completion_logprobs(self.master, head, self.spec, s.prompt, s.tokens),
                          s.tokens)
             ratio = torch.exp(lp - torch.tensor(s.behaviour, dtype=torch.float32))

@@ -162,9 +162,9 @@ def _tail(path: Path, lines: int = 25) -> str:
         return "(no log)"
 
 
-def _engine_settings(llm: Any) -> dict[str, Any]:
-    """The settings that matter for the mismatch, as the engine resolved them."""
-    cfg = llm.llm_engine.vllm_config
+def engine_settings(cfg: Any) -> dict[str, Any]:
+    """The settings that matter for the mismatch, as the engine resolved them
+    (``cfg``: its ``VllmConfig``)."""
     return {
         "logprobs_mode": str(cfg.model_config.logprobs_mode),
         "enable_prefix_caching": cfg.cache_config.enable_prefix_caching,
@@ -189,7 +189,7 @@ def _child_main(spec_path: str, out_path: str, go_path: str | None) -> None:
     llm = LLM(model=spec.model, dtype=spec.dtype, max_model_len=spec.max_model_len,
               enforce_eager=spec.enforce_eager, seed=spec.seed, **spec.engine_kwargs)
     started = time.perf_counter()
-    settings = _engine_settings(llm)
+    settings = engine_settings(llm.llm_engine.vllm_config)
     if spec.weight_roundtrip:
         settings.update(_reload_same_weights(llm, spec.model))
         started = time.perf_counter()
