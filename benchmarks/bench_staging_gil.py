@@ -96,7 +96,7 @@ class Staging:
         self.thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
-        from vllm_rl_compat.weights.staging import _staging_thread_setup
+        from vllm_rl_compat.weights.worker.staging import _staging_thread_setup
 
         _staging_thread_setup(self.compute)
         big = self.kind in ("copies from DRAM", "copies into fresh pages")

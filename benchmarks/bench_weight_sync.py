@@ -5,7 +5,7 @@ time (a finished request is replaced at once). For each source (in-process
 tensors, a safetensors folder, a trainer broadcast over gloo) and each
 staging mode (``overlapped``: staged beside the live weights while decoding,
 swapped between two engine steps by the engine core, no pause,
-``weights.boundary_commit``; ``overlapped, copy plan``: the same, replaying the
+``weights.engine_core.commit``; ``overlapped, copy plan``: the same, replaying the
 copy plan recorded from a first, unmeasured update instead of running vLLM's
 ``load_weights``; ``overlapped, kept copy``: loading into the stage the
 previous (unmeasured) update swapped out and kept, ``weight_staging_keep``
@@ -134,7 +134,7 @@ def free_port() -> int:
 def load_state(model: str) -> dict:
     from safetensors.torch import load_file
 
-    from vllm_rl_compat.weights.spec import safetensors_files
+    from vllm_rl_compat.weights.protocol.spec import safetensors_files
 
     state = {}
     for f in safetensors_files(model):
@@ -432,7 +432,7 @@ async def start_neighbour(nbytes: int, work: str, args) -> asyncio.subprocess.Pr
 
 async def start_trainer(sync, model: str, args) -> subprocess.Popen:
     """A trainer process, connected (its start-up is not part of the update)."""
-    from vllm_rl_compat.weights.broadcast import new_secret
+    from vllm_rl_compat.weights.protocol.broadcast import new_secret
 
     port, secret = free_port(), new_secret()
     trainer = subprocess.Popen(

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import torch
 
-from vllm_rl_compat.weights import broadcast as bc
+from vllm_rl_compat.weights.protocol import broadcast as bc
 
 
 # ------------------------------------------------------------ deadline wait
@@ -260,7 +260,7 @@ def test_worker_ranks_with_data_parallel_are_distinct_and_dense(
         monkeypatch: pytest.MonkeyPatch) -> None:
     from vllm.config import ParallelConfig
 
-    from vllm_rl_compat.weights.backends import worker_group_rank
+    from vllm_rl_compat.weights.worker.backends import worker_group_rank
 
     dp, tp, pp = 2, 2, 2
     ranks = []
@@ -294,7 +294,7 @@ def test_front_end_counts_every_worker_of_every_dp_engine(
 
     from vllm.config import ParallelConfig
 
-    from vllm_rl_compat.weights.frontend import receiver_count
+    from vllm_rl_compat.weights.frontend.sync import receiver_count
 
     pc = ParallelConfig(tensor_parallel_size=2, pipeline_parallel_size=2, data_parallel_size=2)
     assert receiver_count(SimpleNamespace(parallel_config=pc)) == 8

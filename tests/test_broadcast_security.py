@@ -16,7 +16,7 @@ from typing import Any, Callable
 import pytest
 import torch
 
-from vllm_rl_compat.weights import broadcast as bc
+from vllm_rl_compat.weights.protocol import broadcast as bc
 
 HOST = "127.0.0.1"
 SECRET = "s3cret-for-tests-" + "a" * 32

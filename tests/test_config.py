@@ -236,7 +236,7 @@ def test_control_routes_token_choice(monkeypatch, env_token, api_key, want) -> N
 
     from fastapi import FastAPI
 
-    from vllm_rl_compat.weights import http
+    from vllm_rl_compat.weights.frontend import http
 
     monkeypatch.delenv("VLLM_API_KEY", raising=False)
     if env_token is None:

@@ -112,7 +112,7 @@ def test_optional_internal_missing_is_reported_by_name(monkeypatch) -> None:
     layerwise reload (``weights/worker._fast_reloader``)."""
     import vllm.model_executor.model_loader.reload.sanitize as sanitize
 
-    from vllm_rl_compat.weights.apply_cpu import check_internals
+    from vllm_rl_compat.weights.worker.apply_cpu import check_internals
 
     assert contract.entry_for("layer_ref_sentinel").optional
     monkeypatch.delattr(sanitize, "layer_ref_sentinel")
@@ -247,7 +247,7 @@ def test_kept_linear_reprocess_skipped_only_without_weight_state(out_features) -
     import torch
     from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm
 
-    from vllm_rl_compat.weights.apply_cpu import weight_free
+    from vllm_rl_compat.weights.worker.apply_cpu import weight_free
 
     layer = torch.nn.Module()
     layer.weight = torch.nn.Parameter(torch.randn(out_features, 576, dtype=torch.bfloat16),

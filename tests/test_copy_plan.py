@@ -12,8 +12,8 @@ from typing import Any, Callable
 import pytest
 import torch
 
-from vllm_rl_compat.weights.apply_cpu import counted_param
-from vllm_rl_compat.weights.copy_plan import CopyPlan, PlanRecorder, replay_item, unrecorded
+from vllm_rl_compat.weights.worker.apply_cpu import counted_param
+from vllm_rl_compat.weights.worker.copy_plan import CopyPlan, PlanRecorder, replay_item, unrecorded
 
 SHARDS = ("q", "k", "v")
 

@@ -253,7 +253,7 @@ def _embed_sync(self: Any, new: Any) -> dict[str, Any]:
     """Worker: load a new fp32 embedding through vLLM's loader, then refresh
     (inside a step, where our apply runs the loaders: elsewhere RL mode
     refuses ``load_weights``)."""
-    from vllm_rl_compat.weights.worker import in_step
+    from vllm_rl_compat.weights.worker.extension import in_step
 
     model = self.model_runner.get_model()
     value = unpack(new)

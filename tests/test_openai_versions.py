@@ -24,7 +24,7 @@ from vllm.entrypoints.openai.completion.serving import OpenAIServingCompletion
 from vllm.outputs import CompletionOutput, RequestOutput, WeightVersionSpan
 
 from vllm_rl_compat.patching import original_of
-from vllm_rl_compat.weights import openai_versions
+from vllm_rl_compat.weights.frontend import openai_versions
 
 SPANS = [WeightVersionSpan("1", 0, 2), WeightVersionSpan("2", 2, 3)]
 SPANS_JSON = [{"version": "1", "start": 0, "end": 2}, {"version": "2", "start": 2, "end": 3}]

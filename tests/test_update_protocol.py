@@ -32,8 +32,8 @@ from typing import Any, Callable, Iterator
 
 import pytest
 
-from vllm_rl_compat.weights.spec import WeightUpdateError
-from vllm_rl_compat.weights.transaction import TransactionStateError
+from vllm_rl_compat.weights.protocol.spec import WeightUpdateError
+from vllm_rl_compat.weights.frontend.transaction import TransactionStateError
 
 pytestmark = pytest.mark.engine
 
@@ -55,7 +55,7 @@ class Rig:
 
     @property
     def txn(self) -> Any:
-        from vllm_rl_compat.weights.native import transaction_of
+        from vllm_rl_compat.weights.frontend.native import transaction_of
 
         return transaction_of(self.engine, self.engine.vllm_config)
 
@@ -108,7 +108,7 @@ async def _shutdown(engine: Any) -> None:
 def test_abort_ends_a_waiting_update_and_a_stalled_read_blocks_the_next(rig, tmp_path):
     from vllm.distributed.weight_transfer.base import WeightTransferUpdateRequest
 
-    from vllm_rl_compat.weights.native import abort_weight_update_async
+    from vllm_rl_compat.weights.frontend.native import abort_weight_update_async
 
     stalled = tmp_path / "stalled"
     stalled.mkdir()
@@ -171,7 +171,7 @@ async def _idle(rig: Rig) -> bool:
 
 
 def test_pause_resume_and_label_refused_while_an_update_is_open(rig):
-    from vllm_rl_compat.weights.native import abort_weight_update_async
+    from vllm_rl_compat.weights.frontend.native import abort_weight_update_async
 
     async def scenario() -> None:
         version = await rig.engine.get_weight_version()
@@ -296,8 +296,8 @@ def test_cancelled_staging_stops_between_tensors():
     """The staging thread's work checks for an abort before every tensor."""
     import torch
 
-    from vllm_rl_compat.weights.backends import _Overlap
-    from vllm_rl_compat.weights.staging import Cancelled, StagingJob
+    from vllm_rl_compat.weights.worker.backends import _Overlap
+    from vllm_rl_compat.weights.worker.staging import Cancelled, StagingJob
 
     overlap = _Overlap()
     release, reached = threading.Event(), threading.Event()
@@ -332,7 +332,7 @@ def test_a_parameter_no_update_tensor_writes_is_found():
 
     import torch
 
-    from vllm_rl_compat.weights import staging
+    from vllm_rl_compat.weights.worker import staging
 
     class Model(torch.nn.Module):
         def __init__(self) -> None:
@@ -409,7 +409,7 @@ def test_model_based_interleavings(rig, tmp_path_factory):
 
     from vllm.distributed.weight_transfer.base import WeightTransferUpdateRequest
 
-    from vllm_rl_compat.weights.native import abort_weight_update_async
+    from vllm_rl_compat.weights.frontend.native import abort_weight_update_async
 
     bad = tmp_path_factory.mktemp("bad")
     state = load_file(str(Path(rig.b) / "model.safetensors"))
@@ -564,8 +564,8 @@ def test_ranks_that_disagree_on_staging_all_stage_in_the_pause(monkeypatch):
     workers' weight bytes (120 s + 60 s per GiB)."""
     from types import SimpleNamespace
 
-    from vllm_rl_compat.weights.drive import run
-    from vllm_rl_compat.weights.transaction import Transaction
+    from vllm_rl_compat.weights.frontend.drive import run
+    from vllm_rl_compat.weights.frontend.transaction import Transaction
 
     monkeypatch.setenv("VLLM_RL_COMPAT_TXN_SECRET", "test-secret")
     monkeypatch.delenv("VLLM_RL_COMPAT_WEIGHT_UPDATE_LEASE_S", raising=False)

@@ -54,7 +54,7 @@ CONFIGS: dict[str, tuple[str, dict[str, str]]] = {
     "bf16-onednn-avx2": ("bfloat16", {"ONEDNN_MAX_CPU_ISA": "AVX2"}),
 }
 
-_PROBE = ("import json, sys, torch; from vllm_rl_compat.weights.cpu_layout import "
+_PROBE = ("import json, sys, torch; from vllm_rl_compat.weights.worker.cpu_layout import "
           "predicted_layouts; cfg = json.load(open(sys.argv[1])); print(json.dumps("
           "{d: predicted_layouts(cfg, getattr(torch, d)) for d in sys.argv[2:]}))")
 
@@ -149,8 +149,8 @@ def test_trainer_api_broadcasts_in_a_row(layout):
     from vllm.distributed.weight_transfer.factory import WeightTransferTrainerFactory
 
     from http_trainer import StateSource
-    from vllm_rl_compat.weights.client import LLMClient
-    from vllm_rl_compat.weights.trainer import RLCompatGlooTrainerInitInfo
+    from vllm_rl_compat.weights.trainer.client import LLMClient
+    from vllm_rl_compat.weights.trainer.senders import RLCompatGlooTrainerInitInfo
 
     eng, sync = layout["eng"], layout["sync"]
     info = RLCompatGlooTrainerInitInfo(master_address="127.0.0.1", master_port=free_port(),

@@ -24,7 +24,7 @@ import pytest
 import torch
 
 from vllm_rl_compat.weight_sync import WeightSync, WeightUpdateError, token_versions
-from vllm_rl_compat.weights.spec import WeightSpec, safetensors_files, safetensors_header_spec
+from vllm_rl_compat.weights.protocol.spec import WeightSpec, safetensors_files, safetensors_header_spec
 
 TESTS = Path(__file__).parent
 EAGER = {"enforce_eager": True}  # no compile/warm-up: quicker start for extra engines
@@ -493,8 +493,8 @@ def test_vllm_trainer_api_with_each_backend(untied, backend):
     unchanged, drives our backends: B then A, each equal to a fresh engine."""
     from vllm.distributed.weight_transfer.factory import WeightTransferTrainerFactory
 
-    from vllm_rl_compat.weights import trainer as ours
-    from vllm_rl_compat.weights.client import LLMClient
+    from vllm_rl_compat.weights.trainer import senders as ours
+    from vllm_rl_compat.weights.trainer.client import LLMClient
 
     eng, sync = untied["eng_a"], untied["sync_a"]
     client = LLMClient(eng)
@@ -598,7 +598,7 @@ def test_staging_job_runs_at_a_short_switch_interval():
     """The staging thread hands the GIL back to the engine thread quickly while
     it works (``StagingJob``), and the process's interval is restored after
     every job, a failed one included."""
-    from vllm_rl_compat.weights.staging import SWITCH_INTERVAL_S, StagingJob
+    from vllm_rl_compat.weights.worker.staging import SWITCH_INTERVAL_S, StagingJob
 
     before = sys.getswitchinterval()
     assert before > SWITCH_INTERVAL_S

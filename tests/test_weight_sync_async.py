@@ -33,7 +33,7 @@ K_UPDATES = 3
 def _state(model_dir: str):
     from safetensors.torch import load_file
 
-    from vllm_rl_compat.weights.spec import safetensors_files
+    from vllm_rl_compat.weights.protocol.spec import safetensors_files
 
     out = {}
     for f in safetensors_files(model_dir):

@@ -19,8 +19,8 @@ def main() -> None:
     import torch
     from safetensors.torch import load_file
 
-    from vllm_rl_compat.weights.broadcast import BroadcastError, TrainerBroadcaster
-    from vllm_rl_compat.weights.spec import safetensors_files
+    from vllm_rl_compat.weights.protocol.broadcast import BroadcastError, TrainerBroadcaster
+    from vllm_rl_compat.weights.protocol.spec import safetensors_files
 
     state = {}
     for f in safetensors_files(model_dir):

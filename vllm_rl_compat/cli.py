@@ -48,7 +48,7 @@ def info_lines(model: str | None = None) -> list[str]:
     lines.append("  enable_prefix_caching = True, keyed by weight version   "
                  "(prefix_cache='versioned', opt-in)")
     lines.append(f"  lm_head = fp32 ({RLCompatConfig().fp32_head}) (fp32_head)")
-    from vllm_rl_compat.weights.registry import BACKENDS, DEFAULT_BACKEND
+    from vllm_rl_compat.weights.protocol.registry import BACKENDS, DEFAULT_BACKEND
 
     token = ("set" if envs.VLLM_RL_COMPAT_CONTROL_TOKEN
              else "not set (routes not mounted; --api-key is not a control key)")
@@ -80,7 +80,7 @@ def layout_lines(model: str | None) -> list[str]:
                 f"layout); weight paths: vLLM's transfer backends, layerwise reload"]
     import torch
 
-    from vllm_rl_compat.weights.cpu_layout import WEIGHT_PATHS, predicted_layouts
+    from vllm_rl_compat.weights.worker.cpu_layout import WEIGHT_PATHS, predicted_layouts
 
     config = (json.loads((Path(model) / "config.json").read_text()) if model
               else _DEFAULT_SHAPES)

@@ -48,7 +48,7 @@ def _is_weight_sync_extension(qualname: Any) -> bool:
         return False
     from vllm.utils.import_utils import resolve_obj_by_qualname
 
-    from vllm_rl_compat.weights.worker import WeightSyncExtension
+    from vllm_rl_compat.weights.worker.extension import WeightSyncExtension
 
     cls = resolve_obj_by_qualname(qualname)
     return isinstance(cls, type) and issubclass(cls, WeightSyncExtension)

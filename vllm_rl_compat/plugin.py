@@ -25,37 +25,32 @@ def register() -> None:
 @functools.lru_cache(maxsize=None)
 def _register_once() -> None:
     from vllm_rl_compat import engine_settings, fp32_head, prefix_cache, seeded_sampling
-    from vllm_rl_compat.weights import (
-        boundary_commit,
+    from vllm_rl_compat.weights.engine_core import commit, kv_versions, labels
+    from vllm_rl_compat.weights.frontend import (
         delivery,
-        gc_heap,
         http,
-        kv_versions,
         kv_versions_output,
         native,
         openai_versions,
-        proof,
-        registry,
         settings,
-        step_clock,
-        versions,
-        worker,
     )
+    from vllm_rl_compat.weights.protocol import proof, registry
+    from vllm_rl_compat.weights.worker import extension, gc_heap, step_clock
 
     proof.ensure_secret()  # before this process spawns the engine core / workers
     engine_settings.install([fp32_head.head_dtype_hook, settings.weight_transfer_hook])
     fp32_head.install()
     seeded_sampling.install()
     registry.register()
-    versions.install_version_label()
+    labels.install_version_label()
     prefix_cache.install()
     kv_versions.install()
     kv_versions_output.install()
     native.install()
     step_clock.install()
-    boundary_commit.install()
+    commit.install()
     delivery.install()
-    worker.install()
+    extension.install()
     gc_heap.install()
     http.install()
     openai_versions.install()

@@ -14,7 +14,7 @@ chains from it. ``EngineCore.add_request`` is wrapped to salt each request,
 ``n > 1`` children included (they are separate engine-core requests), with
 the current weight version (combined with the user's own salt, which still
 separates users), and when an update's version lands (``EngineCore.set_weight_version``,
-while generation is paused; ``versions.on_version_change``) it re-salts the requests still
+while generation is paused; ``labels.on_version_change``) it re-salts the requests still
 waiting in the scheduler, so a request queued during an update is keyed by
 the version it will run under. Running requests kept across an update (keep
 mode) keep their own KV and salt; new requests cannot reach their blocks.
@@ -49,7 +49,7 @@ def salt_request(request: Any, version: str) -> None:
 
 
 def _current_salt_version(core: Any) -> str | None:
-    """The version new requests are keyed by (``versions.current_label``);
+    """The version new requests are keyed by (``labels.current_label``);
     ``None`` when the option is off (read once per engine core)."""
     on = core.__dict__.get("_rl_compat_versioned_cache")
     if on is None:
@@ -59,7 +59,7 @@ def _current_salt_version(core: Any) -> str | None:
         on = core.__dict__["_rl_compat_versioned_cache"] = cfg.prefix_cache == "versioned"
     if not on:
         return None
-    from vllm_rl_compat.weights.versions import current_label
+    from vllm_rl_compat.weights.engine_core.labels import current_label
 
     return current_label(core)
 
@@ -74,7 +74,7 @@ def _wrap_add_request(original: Any) -> Any:
 
 
 def resalt_waiting(core: Any) -> None:
-    """After a version lands (``versions.on_version_change``): key the requests
+    """After a version lands (``labels.on_version_change``): key the requests
     not yet started by the version they will run under."""
     version = _current_salt_version(core)
     if version is None:
@@ -88,7 +88,7 @@ def resalt_waiting(core: Any) -> None:
 def install() -> None:
     """Wrap the engine core's admission and version change (idempotent)."""
     from vllm_rl_compat.patching import patch_method, when_imported
-    from vllm_rl_compat.weights.versions import on_version_change
+    from vllm_rl_compat.weights.engine_core.labels import on_version_change
 
     def apply(module: Any) -> None:
         patch_method(module.EngineCore, "add_request", _wrap_add_request)

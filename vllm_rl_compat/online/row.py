@@ -71,7 +71,7 @@ def _spans_to_tokens(spans: list[tuple[Any, int, int]], n: int) -> list[int | No
 def samples_of(output: Any, prompt: list[int], max_tokens: int) -> list[Sample]:
     """The finished request's completions as trainer samples, each token with
     the version that sampled it and the prompt KV's oldest version."""
-    from vllm_rl_compat.weights.versions import prompt_versions, token_versions
+    from vllm_rl_compat.weights.protocol.versions import prompt_versions, token_versions
 
     out = []
     for c in output.outputs:

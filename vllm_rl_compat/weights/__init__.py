@@ -1,9 +1,18 @@
 """Weight updates in RL mode: one transaction across three processes.
 
 The update is one state machine. The front end's ``Transaction``
-(``transaction.py``) owns it; the engine core (``boundary_commit.py``) and
-every worker (``worker.py``) run only the steps it signs (``proof.py``), each
-carrying the update's id, once and in order (``worker._admit``).
+(``frontend/transaction.py``) owns it; the engine core
+(``engine_core/commit.py``) and every worker (``worker/extension.py``) run
+only the steps it signs (``protocol/proof.py``), each carrying the update's
+id, once and in order (the extension admits each step once). One sub-package
+per process, so the layout is the table's columns:
+
+* ``protocol/``: what every process shares (spec, proofs, version labels,
+  backend names, the broadcast's wire format);
+* ``frontend/``: the ``LLM`` / ``AsyncLLM`` / API-server process;
+* ``engine_core/``: the engine-core process (label, commit, prompt-KV versions);
+* ``worker/``: the worker processes (extension, backends, staging, apply);
+* ``trainer/``: the trainer process (vLLM's trainer API, clients).
 
 ======================  =======================  ==========================  ==============================
 state                   front end holds          engine core                 each worker holds
@@ -37,9 +46,10 @@ update named): a second ``start``, ``init`` / ``shutdown``,
 Refused in RL mode outside a step: vLLM's ``reload_weights`` /
 ``reset_weights`` worker methods and the live model's ``load_weights`` (what
 RL frameworks' worker extensions call). The first overlapped update checks
-that it writes every parameter (``staging.StagedWeights.unwritten``). A failure before the apply leaves the
+that it writes every parameter (``worker.staging.StagedWeights.unwritten``).
+A failure before the apply leaves the
 model unchanged (our backends stage every byte first; vLLM's ``nccl`` /
 ``ipc`` stream into the live weights, and the error says so); a failure
 during the apply is ``WeightSyncCorruptedError``. A commit returns only once
-the outputs sent before it are delivered (``delivery.py``).
+the outputs sent before it are delivered (``frontend/delivery.py``).
 """

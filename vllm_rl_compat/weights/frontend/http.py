@@ -130,8 +130,8 @@ def _conflict_is_409(handler: Callable[..., Awaitable[Any]]) -> Callable[..., Aw
 
     from fastapi.responses import JSONResponse
 
-    from vllm_rl_compat.weights.native import transaction_of
-    from vllm_rl_compat.weights.transaction import TransactionStateError
+    from vllm_rl_compat.weights.frontend.native import transaction_of
+    from vllm_rl_compat.weights.frontend.transaction import TransactionStateError
 
     @functools.wraps(handler)  # FastAPI reads the handler's own signature
     async def route(*args: Any, **kwargs: Any) -> Any:
@@ -156,7 +156,7 @@ def _transaction_routes() -> dict[str, Callable[..., Awaitable[Any]]]:
         WeightTransferUpdateRequest,
     )
 
-    from vllm_rl_compat.weights.native import abort_weight_update_async
+    from vllm_rl_compat.weights.frontend.native import abort_weight_update_async
 
     def client(request: Request) -> Any:
         return request.app.state.engine_client
@@ -183,7 +183,7 @@ def _transaction_routes() -> dict[str, Callable[..., Awaitable[Any]]]:
                              "Weight transfer shut down")
 
     async def abort(request: Request):
-        from vllm_rl_compat.weights.registry import is_ours
+        from vllm_rl_compat.weights.protocol.registry import is_ours
 
         transfer = getattr(client(request).vllm_config, "weight_transfer_config", None)
         staged = is_ours(getattr(transfer, "backend", None))
@@ -207,8 +207,8 @@ async def _answer(call: Awaitable[Any], message: str | Callable[[Any], str]) -> 
     """Run one engine call; JSON 200, or the error with its status."""
     from fastapi.responses import JSONResponse
 
-    from vllm_rl_compat.weights.spec import WeightUpdateError
-    from vllm_rl_compat.weights.transaction import TransactionStateError
+    from vllm_rl_compat.weights.protocol.spec import WeightUpdateError
+    from vllm_rl_compat.weights.frontend.transaction import TransactionStateError
 
     try:
         result = await call

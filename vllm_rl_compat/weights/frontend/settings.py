@@ -16,7 +16,7 @@ from __future__ import annotations
 from typing import Any
 
 from vllm_rl_compat.config import CONFIG_KEY, RLCompatConfig
-from vllm_rl_compat.weights.registry import BACKENDS, DEFAULT_BACKEND
+from vllm_rl_compat.weights.protocol.registry import BACKENDS, DEFAULT_BACKEND
 
 
 def weight_transfer_hook(args: Any, cfg: RLCompatConfig) -> str | None:

@@ -4,7 +4,7 @@ A trainer written against vLLM's documented API works unchanged::
 
     from vllm.distributed.weight_transfer.factory import WeightTransferTrainerFactory
     from vllm.distributed.weight_transfer.base import ModuleSource
-    from vllm_rl_compat.weights.trainer import RLCompatGlooTrainerInitInfo
+    from vllm_rl_compat.weights.trainer.senders import RLCompatGlooTrainerInitInfo
 
     sender = WeightTransferTrainerFactory.trainer_init(
         RLCompatGlooTrainerInitInfo(master_address="10.0.0.5", master_port=29555,
@@ -36,7 +36,7 @@ from vllm.distributed.weight_transfer.base import (
     WeightSource,
 )
 
-from vllm_rl_compat.weights.broadcast import (
+from vllm_rl_compat.weights.protocol.broadcast import (
     DEFAULT_CHUNK_BYTES,
     DEFAULT_TIMEOUT,
     TrainerBroadcaster,
@@ -151,7 +151,7 @@ class RLCompatTensorsTrainer(TrainerWeightTransferEngine[RLCompatTensorsTrainerI
         return cls(client=client, source=source, is_sender=init_info.is_sender)
 
     def send_weights(self) -> None:
-        from vllm_rl_compat.weights.shm import remove_shm, write_shm
+        from vllm_rl_compat.weights.protocol.shm import remove_shm, write_shm
 
         assert self.source is not None
         pairs = source_pairs(self.source)
@@ -185,6 +185,6 @@ class RLCompatFilesTrainer(TrainerWeightTransferEngine[RLCompatFilesTrainerInitI
 
 # A trainer process loads no vLLM plugins; importing these init-info classes
 # is what makes the factory know our backend names there.
-from vllm_rl_compat.weights.registry import register as _register  # noqa: E402
+from vllm_rl_compat.weights.protocol.registry import register as _register  # noqa: E402
 
 _register()

@@ -29,10 +29,10 @@ def register() -> None:
     for name in BACKENDS:
         if name not in WeightTransferEngineFactory._registry:
             WeightTransferEngineFactory.register_engine(
-                name, "vllm_rl_compat.weights.backends", "RLCompatWeightTransferEngine")
+                name, "vllm_rl_compat.weights.worker.backends", "RLCompatWeightTransferEngine")
         if name not in WeightTransferTrainerFactory._registry:
             WeightTransferTrainerFactory.register_engine(
-                name, "vllm_rl_compat.weights.trainer", _TRAINERS[name])
+                name, "vllm_rl_compat.weights.trainer.senders", _TRAINERS[name])
 
 
 def is_ours(backend: str | None) -> bool:

@@ -34,11 +34,9 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from vllm_rl_compat.patching import add_method, patch_method, when_imported
-from vllm_rl_compat.weights import proof
+from vllm_rl_compat.weights.protocol import proof
+from vllm_rl_compat.weights.protocol.names import COMMIT_CANCEL, COMMIT_METHOD, WORKER_METHOD
 
-WORKER_METHOD = "rl_compat_txn"  # = drive.WORKER_METHOD (no import: front-end module)
-METHOD = "rl_compat_commit"  # the engine-core utility the front end calls
-CANCEL = "rl_compat_commit_cancel"  # ... and the one that stops a waiting commit
 _ATTR = "_rl_compat_commit"
 _CANCELLED = "_rl_compat_commit_cancelled"  # (txn, why) cancelled before its commit came
 IDLE_POLL_SECONDS = 0.002
@@ -89,7 +87,8 @@ def rl_compat_commit_cancel(self: Any, txn: str, signed: str, why: str) -> bool:
 
 
 def _next_label(core: Any, default: str) -> str:
-    from vllm_rl_compat.weights.versions import current_label, parse_version
+    from vllm_rl_compat.weights.engine_core.labels import current_label
+    from vllm_rl_compat.weights.protocol.versions import parse_version
 
     now = parse_version(current_label(core))
     return str(now + 1) if isinstance(now, int) else default
@@ -154,8 +153,8 @@ def install() -> None:
         from vllm_rl_compat.contract import require
 
         require("EngineCoreProc._invoke_utility_method")  # defers a Future's reply
-        add_method(module.EngineCoreProc, METHOD, rl_compat_commit)
-        add_method(module.EngineCoreProc, CANCEL, rl_compat_commit_cancel)
+        add_method(module.EngineCoreProc, COMMIT_METHOD, rl_compat_commit)
+        add_method(module.EngineCoreProc, COMMIT_CANCEL, rl_compat_commit_cancel)
         patch_method(module.EngineCoreProc, "_process_engine_step", _wrap_step)
         patch_method(module.EngineCoreProc, "has_work", _wrap_has_work)
     when_imported("vllm.v1.engine.core", apply)

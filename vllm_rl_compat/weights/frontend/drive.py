@@ -15,12 +15,12 @@ import logging
 import time
 from typing import Any
 
-from vllm_rl_compat.weights import proof
-from vllm_rl_compat.weights.transaction import Op, Steps, Transaction
+from vllm_rl_compat.weights.frontend.transaction import Op, Steps, Transaction
+from vllm_rl_compat.weights.protocol import proof
+from vllm_rl_compat.weights.protocol.names import COMMIT_CANCEL, COMMIT_METHOD, WORKER_METHOD
 
 logger = logging.getLogger("vllm.rl_compat")
 
-WORKER_METHOD = "rl_compat_txn"
 
 
 def run(steps: Steps, port: Any, txn: Transaction) -> Any:
@@ -217,20 +217,18 @@ class AsyncLLMPort:
 
     async def commit(self, txn: str, signed: str, label: str | None, default: str,
                      allow_fast: bool) -> Any:
-        from vllm_rl_compat.weights.boundary_commit import METHOD
 
         return await self.engine.engine_core.call_utility_async(
-            METHOD, txn, signed, label, default, allow_fast)
+            COMMIT_METHOD, txn, signed, label, default, allow_fast)
 
     async def cancel_commit(self, txn: str, why: str) -> None:
         """Stop a commit still waiting in the engine core for staging."""
-        from vllm_rl_compat.weights.boundary_commit import CANCEL
 
-        await self.engine.engine_core.call_utility_async(CANCEL, txn,
+        await self.engine.engine_core.call_utility_async(COMMIT_CANCEL, txn,
                                                          proof.sign(txn, "cancel"), why)
 
     async def delivered(self) -> None:
-        from vllm_rl_compat.weights.delivery import delivered
+        from vllm_rl_compat.weights.frontend.delivery import delivered
 
         await delivered(self.engine)
 

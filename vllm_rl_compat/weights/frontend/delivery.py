@@ -4,7 +4,7 @@ Why: the engine core sends request outputs and utility replies on one socket,
 in order, but the front end handles them on two paths: a reply resolves its
 future at once, outputs wait in the client's queue for ``AsyncLLM``'s output
 handler, which pushes them to the request streams. So the reply of a
-boundary commit (``weights.boundary_commit``) can overtake the outputs of the
+boundary commit (``weights.engine_core.commit``) can overtake the outputs of the
 steps before it, and a caller told "version N+1 is live" could still receive
 tokens of version N afterwards. vLLM's own ``pause_generation`` bridges this
 with a fixed 20 ms sleep; here it is a protocol.

@@ -59,7 +59,7 @@ import logging
 from typing import Any, AsyncIterator, Callable
 
 from vllm_rl_compat.patching import patch_method, when_imported
-from vllm_rl_compat.weights.versions import PROMPT_FIELD
+from vllm_rl_compat.weights.protocol.versions import PROMPT_FIELD
 
 logger = logging.getLogger("vllm.rl_compat")
 

@@ -49,7 +49,7 @@ class WeightSpec:
 
     entries: dict[str, tuple[tuple[int, ...], Any]]
     # checkpoint name -> parameter name, for parameters whose dtype is not the
-    # model dtype (re-copied exactly after the reload; see weights.worker).
+    # model dtype (re-copied exactly after the reload; see weights.worker.extension).
     exact_names: dict[str, str] = field(default_factory=dict)
     tied_embeddings: bool = False
     # checkpoint name -> the dtype the start-up checkpoint holds, where it

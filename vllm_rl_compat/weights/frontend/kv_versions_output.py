@@ -15,8 +15,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from vllm_rl_compat.weights.kv_versions import KEY
-from vllm_rl_compat.weights.versions import PROMPT_FIELD
+from vllm_rl_compat.weights.protocol.names import PROMPT_KV_KEY
+from vllm_rl_compat.weights.protocol.versions import PROMPT_FIELD
 
 _PENDING = "_rl_compat_prompt_spans"  # RequestState.__dict__: spans until the completion
 
@@ -25,9 +25,9 @@ def _wrap_make_request_output(original: Any) -> Any:
     def make_request_output(self: Any, new_token_ids: Any, pooling_output: Any,
                             finish_reason: Any, stop_reason: Any,
                             kv_transfer_params: Any = None, *args: Any, **kwargs: Any) -> Any:
-        if kv_transfer_params and KEY in kv_transfer_params:
+        if kv_transfer_params and PROMPT_KV_KEY in kv_transfer_params:
             kv_transfer_params = dict(kv_transfer_params)
-            self.__dict__[_PENDING] = kv_transfer_params.pop(KEY)
+            self.__dict__[_PENDING] = kv_transfer_params.pop(PROMPT_KV_KEY)
             kv_transfer_params = kv_transfer_params or None
         return original(self, new_token_ids, pooling_output, finish_reason, stop_reason,
                         kv_transfer_params, *args, **kwargs)

@@ -11,7 +11,7 @@ calls worker methods by name) reaches nothing else of ours:
   (``weights.proof``) and its order: ``start`` needs a fresh transaction id,
   every other step the open one; each step runs at most once; after a step
   of the open update failed, only ``abort`` runs (the engine core's commit,
-  ``weights.boundary_commit``, signs its own ``poll:cK`` / ``check`` /
+  ``weights.engine_core.commit``, signs its own ``poll:cK`` / ``check`` /
   ``finish`` steps, and may be queued behind a step that fails).
 
 vLLM's own worker methods that change weights, ``reload_weights`` and
@@ -45,13 +45,13 @@ import logging
 from typing import TYPE_CHECKING, Any, Iterable, Iterator
 
 if TYPE_CHECKING:
-    from vllm_rl_compat.weights.step_clock import Span
+    from vllm_rl_compat.weights.worker.step_clock import Span
 
 logger = logging.getLogger("vllm.rl_compat")
 
 
 class WeightSyncExtension:
-    """Worker-side weight updates; see ``vllm_rl_compat.weights.transaction``."""
+    """Worker-side weight updates; see ``vllm_rl_compat.weights.frontend.transaction``."""
 
     def rl_compat_ping(self) -> bool:
         """Lets the front end check that the extension is installed."""
@@ -64,7 +64,7 @@ class WeightSyncExtension:
     def rl_compat_step_times(self, since: float = 0.0) -> list[Span]:
         """``(start, end, new requests, CPU seconds, blocked)`` of recent engine
         steps (``weights.step_clock``)."""
-        from vllm_rl_compat.weights.step_clock import step_spans
+        from vllm_rl_compat.weights.worker.step_clock import step_spans
 
         return step_spans(since)
 
@@ -76,7 +76,7 @@ class WeightSyncExtension:
 
     def rl_compat_layouts(self) -> dict[str, str]:
         """``{linear kind: layout}`` of this worker's model (``weights.cpu_layout``)."""
-        from vllm_rl_compat.weights.cpu_layout import model_layouts
+        from vllm_rl_compat.weights.worker.cpu_layout import model_layouts
 
         return model_layouts(self.model_runner.get_model())
 
@@ -89,7 +89,7 @@ class WeightSyncExtension:
 
     def rl_compat_txn(self, txn: str, step: str, proof: str, info: Any = None) -> Any:
         """Run one transaction step (refused without the front end's proof)."""
-        from vllm_rl_compat.weights.proof import verify
+        from vllm_rl_compat.weights.protocol.proof import verify
 
         verify(txn, step, proof)
         state = _admit(self, txn, step)
@@ -164,7 +164,7 @@ def _authorized(engine: Any) -> Iterator[None]:
 
 
 def _is_ours(engine: Any) -> bool:
-    from vllm_rl_compat.weights.backends import RLCompatWeightTransferEngine
+    from vllm_rl_compat.weights.worker.backends import RLCompatWeightTransferEngine
 
     return isinstance(engine, RLCompatWeightTransferEngine)
 
@@ -175,7 +175,7 @@ def _spec(worker: Any) -> Any:
         return engine.spec
     spec = worker.__dict__.get("_rl_compat_spec")
     if spec is None:
-        from vllm_rl_compat.weights.spec import model_weight_spec
+        from vllm_rl_compat.weights.protocol.spec import model_weight_spec
 
         spec = model_weight_spec(worker.vllm_config, worker.model_runner.get_model())
         worker.__dict__["_rl_compat_spec"] = spec
@@ -279,7 +279,7 @@ def _guard(name: str) -> Any:
     would change the weights with no pause, version or derived state."""
     def wrap(original: Any) -> Any:
         def method(self: Any, *args: Any, **kwargs: Any) -> Any:
-            from vllm_rl_compat.weights.versions import weight_sync_on
+            from vllm_rl_compat.weights.protocol.versions import weight_sync_on
 
             if weight_sync_on(self.vllm_config) and _outside_step(self):
                 raise PermissionError(
@@ -327,7 +327,7 @@ def _guard_model(worker: Any) -> None:
 def _wrap_initialize(original: Any) -> Any:
     def initialize_from_config(self: Any, *args: Any, **kwargs: Any) -> Any:
         result = original(self, *args, **kwargs)
-        from vllm_rl_compat.weights.versions import weight_sync_on
+        from vllm_rl_compat.weights.protocol.versions import weight_sync_on
 
         if weight_sync_on(self.vllm_config):
             _guard_model(self)
@@ -351,7 +351,7 @@ def install() -> None:
 def _fast_reloader(worker: Any) -> Any:
     """The worker's ``FastReloader``, or ``None`` for the layerwise reload."""
     if "_rl_compat_fast" not in worker.__dict__:
-        from vllm_rl_compat.weights import apply_cpu
+        from vllm_rl_compat.weights.worker import apply_cpu
 
         fast, reason = None, apply_cpu.fast_reload_blocker(worker.vllm_config)
         if reason is None:
@@ -390,7 +390,7 @@ def _apply_layerwise(worker: Any, model: Any, staged: list[tuple[str, Any]]) -> 
     exact = [(n, t) for n, t in staged if n in spec.exact_names]
     worker.reload_weights(weights_iterator=iter(staged), is_checkpoint_format=True)
     _copy_exact(model, spec, exact)
-    from vllm_rl_compat.weights.apply_cpu import rebuild_tied_heads
+    from vllm_rl_compat.weights.worker.apply_cpu import rebuild_tied_heads
 
     rebuild_tied_heads(model)
 

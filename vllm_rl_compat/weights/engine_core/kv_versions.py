@@ -18,16 +18,17 @@ How (scheduler, engine core; only when ``weight_sync`` is on):
 - ``Scheduler._free_request`` is wrapped: a finished request's prompt spans
   ride to the front end in the ``kv_transfer_params`` it returns (the one
   per-request dict vLLM carries from the scheduler to the ``RequestOutput``),
-  under ``KEY``; ``kv_versions_output`` (front end) moves them onto the
+  under ``protocol.names.PROMPT_KV_KEY``; ``kv_versions_output`` (front end) moves them onto the
   ``CompletionOutput`` and removes the key, so users never see it there.
-The version label follows ``versions.on_version_change``.
+The version label follows ``labels.on_version_change``.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-KEY = "rl_compat_prompt_weight_versions"
+from vllm_rl_compat.weights.protocol.names import PROMPT_KV_KEY
+
 _SPANS = "_rl_compat_kv_spans"  # request.__dict__: [[label, start, end], ...]
 _STATE = "_rl_compat_kv_versions"  # scheduler and block pool __dict__: the _State
 
@@ -45,7 +46,7 @@ class _State:
 def _state(scheduler: Any) -> _State | None:
     """The scheduler's state, created on first use; ``None`` when weight_sync is off."""
     if _STATE not in scheduler.__dict__:
-        from vllm_rl_compat.weights.versions import start_label
+        from vllm_rl_compat.weights.engine_core.labels import start_label
 
         label = start_label(scheduler.vllm_config)
         state = None if label is None else _State(label)
@@ -57,8 +58,8 @@ def _state(scheduler: Any) -> _State | None:
 
 
 def note_version(core: Any) -> None:
-    """``versions.on_version_change`` hook: later steps run under the new label."""
-    from vllm_rl_compat.weights.versions import current_label
+    """``labels.on_version_change`` hook: later steps run under the new label."""
+    from vllm_rl_compat.weights.engine_core.labels import current_label
 
     state = _state(core.scheduler)
     if state is not None:
@@ -158,7 +159,7 @@ def _wrap_free_request(original: Any) -> Any:
         spans = request.__dict__.get(_SPANS)
         if spans is not None:
             kv_params = dict(kv_params or {})
-            kv_params[KEY] = _clip(spans, 0, request.num_prompt_tokens)
+            kv_params[PROMPT_KV_KEY] = _clip(spans, 0, request.num_prompt_tokens)
         return kv_params, ec_params
     return _free_request
 
@@ -166,7 +167,7 @@ def _wrap_free_request(original: Any) -> Any:
 def install() -> None:
     """Wrap the scheduler and block pool when the engine core imports them."""
     from vllm_rl_compat.patching import patch_method, when_imported
-    from vllm_rl_compat.weights.versions import on_version_change
+    from vllm_rl_compat.weights.engine_core.labels import on_version_change
 
     def apply_scheduler(module: Any) -> None:
         patch_method(module.Scheduler, "schedule", _wrap_schedule)

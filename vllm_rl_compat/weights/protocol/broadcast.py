@@ -440,7 +440,7 @@ class TrainerBroadcaster:
 
     Example (trainer process)::
 
-        from vllm_rl_compat.weights.broadcast import TrainerBroadcaster, new_secret
+        from vllm_rl_compat.weights.protocol.broadcast import TrainerBroadcaster, new_secret
 
         secret = new_secret()  # give it to the engine side out of band
         bc = TrainerBroadcaster("127.0.0.1", 29555, num_receivers=2, secret=secret)

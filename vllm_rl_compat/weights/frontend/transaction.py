@@ -27,7 +27,7 @@ routed here in RL mode, whichever backend carries the bytes:
   overlapped: pause now and swap pointers), the fp32 head, close the
   backend's update. Then the version label is bumped and generation
   resumes. Overlapped on an ``AsyncLLM``: no pause; one engine-core call
-  (``weights.boundary_commit``) does the check, the swap and the label
+  (``weights.engine_core.commit``) does the check, the swap and the label
   between two engine steps.
 * Any failure before the apply: every worker drops its staging, the model
   is unchanged, generation resumes (overlapped: it never stopped) and the
@@ -52,9 +52,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Generator
 
-from vllm_rl_compat.weights import proof
-from vllm_rl_compat.weights.spec import WeightSyncCorruptedError, WeightUpdateError
-from vllm_rl_compat.weights.versions import parse_version, version_start
+from vllm_rl_compat.weights.protocol import proof
+from vllm_rl_compat.weights.protocol.spec import WeightSyncCorruptedError, WeightUpdateError
+from vllm_rl_compat.weights.protocol.versions import parse_version, version_start
 
 logger = logging.getLogger("vllm.rl_compat")
 
@@ -287,7 +287,7 @@ class Transaction:
     def _commit(self, txn: str, outcome: dict[str, Any] | BaseException) -> Steps:
         """Overlapped, on an ``AsyncLLM``: one engine-core call applied the
         update and relabelled between two steps, no pause
-        (``weights.boundary_commit``), or said why it did not."""
+        (``weights.engine_core.commit``), or said why it did not."""
         if isinstance(outcome, BaseException):
             yield from self._close(txn, abort=True)
             raise self._rejected(outcome) from outcome
@@ -434,6 +434,6 @@ class Transaction:
     @property
     def staged_backend(self) -> bool:
         """Our backends stage every byte before anything is applied."""
-        from vllm_rl_compat.weights.registry import is_ours
+        from vllm_rl_compat.weights.protocol.registry import is_ours
 
         return is_ours(self.backend)

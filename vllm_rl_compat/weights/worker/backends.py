@@ -46,7 +46,7 @@ from vllm.distributed.weight_transfer.base import (
     WeightTransferUpdateInfo,
 )
 
-from vllm_rl_compat.weights.registry import BACKENDS
+from vllm_rl_compat.weights.protocol.registry import BACKENDS
 
 logger = logging.getLogger("vllm.rl_compat")
 
@@ -83,7 +83,7 @@ def worker_group_rank(parallel_config: Any, rank_offset: int) -> int:
     ``rank_offset + i * world_size + r`` (vLLM's own NCCL weight transfer uses
     the same numbering; ``engine_layout`` for ``external_launcher``).
     """
-    from vllm_rl_compat.weights.broadcast import engine_layout, group_rank
+    from vllm_rl_compat.weights.protocol.broadcast import engine_layout, group_rank
 
     pc = parallel_config
     dp_index, _ = engine_layout(pc)
@@ -107,7 +107,7 @@ class _Overlap:
     def check(self) -> None:
         """Staging thread, between tensors: stop the work of an aborted update."""
         if self.cancelled:
-            from vllm_rl_compat.weights.staging import Cancelled
+            from vllm_rl_compat.weights.worker.staging import Cancelled
 
             raise Cancelled("this weight update was aborted; its staging stopped")
 
@@ -171,7 +171,7 @@ class RLCompatWeightTransferEngine(
     @property
     def spec(self) -> Any:
         if self._spec is None:
-            from vllm_rl_compat.weights.spec import model_weight_spec
+            from vllm_rl_compat.weights.protocol.spec import model_weight_spec
 
             self._spec = model_weight_spec(self.vllm_config, self.model)
         return self._spec
@@ -189,8 +189,8 @@ class RLCompatWeightTransferEngine(
         self.shutdown()
         if not init_info.master_address:
             return  # files and shared memory need no connection
-        from vllm_rl_compat.weights.broadcast import join_group
-        from vllm_rl_compat.weights.staging import off_compute_cpus
+        from vllm_rl_compat.weights.protocol.broadcast import join_group
+        from vllm_rl_compat.weights.worker.staging import off_compute_cpus
 
         rank = worker_group_rank(self.parallel_config, int(init_info.rank_offset))
         with off_compute_cpus():  # gloo's threads start here and inherit it
@@ -233,8 +233,8 @@ class RLCompatWeightTransferEngine(
         it and later ones replay that (``weights.copy_plan``). With ``keep``,
         the stage is kept after the swap and the next update loads into it;
         without, a kept one is freed."""
-        from vllm_rl_compat.weights import staging
-        from vllm_rl_compat.weights.spec import WeightUpdateError
+        from vllm_rl_compat.weights.worker import staging
+        from vllm_rl_compat.weights.protocol.spec import WeightUpdateError
 
         reason = None if plan is not None else (
             "it is built for unquantized models on the CPU platform (the fast CPU apply's "
@@ -274,8 +274,8 @@ class RLCompatWeightTransferEngine(
     def _build(self, overlap: _Overlap, model: torch.nn.Module, plan: Any,
                copy_plan: bool) -> None:
         """Staging thread: the shadow, and whether its chunks record or replay."""
-        from vllm_rl_compat.weights import staging
-        from vllm_rl_compat.weights.copy_plan import CopyPlan, PlanRecorder
+        from vllm_rl_compat.weights.worker import staging
+        from vllm_rl_compat.weights.worker.copy_plan import CopyPlan, PlanRecorder
 
         overlap.check()
         stage, self._kept = self._kept, None
@@ -339,7 +339,7 @@ class RLCompatWeightTransferEngine(
         if self._group is None:
             raise RuntimeError("No trainer connected: call init_weight_transfer_engine "
                                "with the trainer's address and secret first")
-        from vllm_rl_compat.weights.broadcast import receive_update
+        from vllm_rl_compat.weights.protocol.broadcast import receive_update
 
         try:
             return receive_update(self._group, lambda entries: self.spec.validate(
@@ -358,7 +358,7 @@ class RLCompatWeightTransferEngine(
         (``check`` before each file: an aborted update reads no further)."""
         from safetensors import safe_open
 
-        from vllm_rl_compat.weights.spec import WeightUpdateError, safetensors_header_spec
+        from vllm_rl_compat.weights.protocol.spec import WeightUpdateError, safetensors_header_spec
 
         files, entries = safetensors_header_spec(path)
         self.spec.validate(entries, complete=False, seen=set(seen))
@@ -414,7 +414,7 @@ class RLCompatWeightTransferEngine(
         """Refuse a staged update that leaves a parameter the model reads
         unwritten (it would be swapped in uninitialised); later updates of
         this engine then stage in the pause, which loads in place."""
-        from vllm_rl_compat.weights.spec import WeightUpdateError
+        from vllm_rl_compat.weights.protocol.spec import WeightUpdateError
 
         missing = stage.unwritten()
         if not missing:

@@ -17,9 +17,9 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from vllm_rl_compat.patching import patch_method, when_imported
-from vllm_rl_compat.weights.drive import AsyncLLMPort, LLMPort, run, run_async, stop_async
-from vllm_rl_compat.weights.transaction import Transaction
-from vllm_rl_compat.weights.versions import weight_sync_on
+from vllm_rl_compat.weights.frontend.drive import AsyncLLMPort, LLMPort, run, run_async, stop_async
+from vllm_rl_compat.weights.frontend.transaction import Transaction
+from vllm_rl_compat.weights.protocol.versions import weight_sync_on
 
 _ATTR = "_rl_compat_txn"
 
@@ -45,7 +45,7 @@ def staging_options(vllm_config: Any) -> dict[str, Any]:
     """How this update is staged (``Transaction.start``), read per update."""
     from vllm_rl_compat import envs
     from vllm_rl_compat.config import WEIGHT_STAGING_MODES, rl_config_from_additional
-    from vllm_rl_compat.weights.registry import is_ours
+    from vllm_rl_compat.weights.protocol.registry import is_ours
 
     cfg = rl_config_from_additional(vllm_config.additional_config)
     mode = envs.VLLM_RL_COMPAT_WEIGHT_STAGING or cfg.weight_staging

@@ -31,17 +31,17 @@ import threading
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-from vllm_rl_compat.weights.broadcast import DEFAULT_TIMEOUT, engine_layout
-from vllm_rl_compat.weights.native import (
+from vllm_rl_compat.weights.protocol.broadcast import DEFAULT_TIMEOUT, engine_layout
+from vllm_rl_compat.weights.frontend.native import (
     abort_weight_update,
     abort_weight_update_async,
     staging_options,
     transaction_of,
 )
-from vllm_rl_compat.weights.registry import BACKENDS
-from vllm_rl_compat.weights.shm import remove_shm, write_shm
-from vllm_rl_compat.weights.drive import AsyncLLMPort, run_async
-from vllm_rl_compat.weights.spec import WeightSpec, as_named_tensors
+from vllm_rl_compat.weights.protocol.registry import BACKENDS
+from vllm_rl_compat.weights.protocol.shm import remove_shm, write_shm
+from vllm_rl_compat.weights.frontend.drive import AsyncLLMPort, run_async
+from vllm_rl_compat.weights.protocol.spec import WeightSpec, as_named_tensors
 
 
 def _not_installed(exc: Exception) -> RuntimeError:

@@ -29,7 +29,7 @@ How, without touching anything the running model reads:
   head shares one handle), and a tied fp32 head's shadow (``fp32_head``)
   which the shadow embedding's loader fills.
 * ``swap`` (engine thread, between two steps: in a pause, or in the engine
-  core's commit, ``weights.boundary_commit``): per module, each live parameter
+  core's commit, ``weights.engine_core.commit``): per module, each live parameter
   takes its shadow's storage (``param.data = ...``: identity, ties and
   every reference kept) and the attributes processing rebuilt
   (``cpu_linear``, the fp32 head shadow) are re-pointed. O(modules), no byte
@@ -67,7 +67,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 import torch
 
-from vllm_rl_compat.weights.apply_cpu import (
+from vllm_rl_compat.weights.worker.apply_cpu import (
     FastReloader,
     Filling,
     counted_param,
@@ -76,7 +76,7 @@ from vllm_rl_compat.weights.apply_cpu import (
     reprocess,
     reprocess_kept_linears,
 )
-from vllm_rl_compat.weights.copy_plan import CopyPlan, replay_item, unrecorded
+from vllm_rl_compat.weights.worker.copy_plan import CopyPlan, replay_item, unrecorded
 
 logger = logging.getLogger("vllm.rl_compat")
 
