@@ -67,7 +67,7 @@ class OnlineConfig:
 
 def check_options(args: Any) -> None:
     """Range checks of the online options, naming the bad one."""
-    from vllm_rl_compat.parity.command import CheckInputError
+    from vllm_rl_compat.parity.inputs import CheckInputError
 
     checks = [
         ("--steps", args.steps, args.steps >= 1, ">= 1"),

@@ -12,10 +12,10 @@ import argparse
 import json
 import math
 import sys
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
+from vllm_rl_compat.parity.inputs import CheckInputError, Threshold, parse_threshold
 from vllm_rl_compat.parity.metrics import HIGHER_IS_BETTER, METRIC_NAMES
 
 BUILTIN_PROMPTS: tuple[str, ...] = (
@@ -52,42 +52,6 @@ BUILTIN_PROMPTS: tuple[str, ...] = (
     "How do you make a paper airplane?",
     "What is the largest ocean on Earth?",
 )
-
-
-class CheckInputError(ValueError):
-    """Bad input to ``check``; the message names the offending value."""
-
-
-@dataclass(frozen=True)
-class Threshold:
-    """``--fail-above METRIC=VALUE``: fail when the RL row's METRIC > VALUE."""
-
-    metric: str
-    limit: float
-
-
-def parse_threshold(text: str, allowed: Sequence[str] | None = None) -> Threshold:
-    """Parse ``METRIC=VALUE``; errors name the spec and what is accepted
-    (``allowed``: the static report's metrics unless given)."""
-    name, sep, raw = text.partition("=")
-    name = name.strip()
-    if allowed is None:
-        allowed = [m for m in METRIC_NAMES if m not in HIGHER_IS_BETTER]
-    if not sep:
-        raise CheckInputError(f"--fail-above {text!r}: expected METRIC=VALUE, "
-                              f"e.g. clip_rate=0.05")
-    if name not in allowed:
-        hint = " (higher is better, so it has no upper limit)" if name in HIGHER_IS_BETTER else ""
-        raise CheckInputError(f"--fail-above {text!r}: unknown metric {name!r}{hint}; "
-                              f"choose one of {', '.join(allowed)}")
-    try:
-        limit = float(raw)
-    except ValueError:
-        raise CheckInputError(f"--fail-above {text!r}: value {raw.strip()!r} "
-                              f"is not a number") from None
-    if math.isnan(limit):
-        raise CheckInputError(f"--fail-above {text!r}: value must not be nan")
-    return Threshold(name, limit)
 
 
 def read_prompt_file(path: Path) -> list[str | list[dict[str, str]]]:
@@ -146,7 +110,7 @@ def tokenize_prompts(model_dir: Path, prompts: list[Any]) -> list[list[int]]:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``vllm-rl-compat check``."""
     from vllm_rl_compat.parity.reference import REFERENCE_KINDS
-    from vllm_rl_compat.parity.report import DEFAULT_ROWS, ROWS
+    from vllm_rl_compat.parity.report import ROWS
 
     add = parser.add_argument
     add("--model", type=Path, default=None,
