@@ -209,3 +209,31 @@ def test_trainer_steps_and_rescores_old_versions(model_dir: Path) -> None:
     for s, sc in zip(samples, scores):
         assert sc.rescored == s.behaviour  # version 0's weights, bit for bit
         assert sc.train != s.behaviour  # the current weights differ
+
+
+def test_mixed_kv_tokens_split_the_mismatch() -> None:
+    """A token whose context KV (prompt or earlier tokens) came from an older
+    version is ``mixed_kv``; the single-version rest is what the static
+    report measures. Hand-made tokens with known log-ratios."""
+    from vllm_rl_compat.online.stats import Sample, Scores, step_metrics
+
+    kept = Sample([1], [5, 6, 7, 8], [-1.0] * 4, [0, 0, 1, 1], 0, 1.0)  # kept across 0 -> 1
+    stale = Sample([1], [5, 6], [-1.0] * 2, [1, 1], 0, 0.0)  # prompt KV of version 0
+    fresh = Sample([1], [5, 6], [-1.0] * 2, [1, 1], 1, 0.0)
+    unknown = Sample([1], [5, 6], [-1.0] * 2, [0, 1], None, 0.0)  # prompt KV unknown
+    assert kept.mixed_kv == [False, False, True, True]
+    assert stale.mixed_kv == [True, True] and fresh.mixed_kv == [False, False]
+    assert unknown.mixed_kv == [False, True]
+    samples = [kept, stale, fresh]
+    # rescored - behaviour: 0.1 on single-version tokens, 0.5 on mixed ones
+    rescored = [[-0.9, -0.9, -0.5, -0.5], [-0.5, -0.5], [-0.9, -0.9]]
+    scores = [Scores(r, [1.0] * len(r), r) for r in rescored]
+    out = step_metrics(samples, scores, trainer_version=1, epsilon=0.2)
+
+    def k3(d: float) -> float:
+        return math.expm1(d) - d
+
+    assert out["mixed_kv_tokens"] == 4
+    assert out["mismatch_kl_mixed_kv"] == pytest.approx(k3(0.5), rel=1e-12)
+    assert out["mismatch_kl_single_version"] == pytest.approx(k3(0.1), rel=1e-9)
+    assert out["stale_prefix_tokens"] == 2

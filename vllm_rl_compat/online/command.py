@@ -172,7 +172,9 @@ def summarize(steps: list[dict[str, Any]]) -> dict[str, Any]:
     """Per-row summary over its steps: means; the mismatch at step 0 (the
     static mismatch) and its worst step after an update, as a ratio; the
     reward's gain (mean of the last three steps minus the first three) and its
-    step-to-step spread (mean |reward change| between consecutive steps)."""
+    step-to-step spread (mean |reward change| between consecutive steps). The
+    worst step is also given on single-version tokens alone (no KV of an older
+    version in their context), which is what the static mismatch measures."""
     def values(key: str, since: int = 0) -> list[float]:
         return [s[key] for s in steps[since:] if s.get(key) is not None]
 
@@ -182,12 +184,14 @@ def summarize(steps: list[dict[str, Any]]) -> dict[str, Any]:
     rewards, after = values("reward"), values("mismatch_kl", since=1)
     static = steps[0].get("mismatch_kl") if steps else None
     worst = max(after) if after else None
+    single = values("mismatch_kl_single_version", since=1)
     return {
         "steps": len(steps),
         **{key: mean(values(key)) for key in ("clip_rate", "kl", "entropy", "mismatch_kl",
                                               "lag_mean", "mismatch_kl_stale_prefix")},
         "static_mismatch_kl": static, "mismatch_kl_max": worst,
         "mismatch_ratio_max": worst / static if worst is not None and static else None,
+        "single_version_ratio_max": max(single) / static if single and static else None,
         "reward_gain": (mean(rewards[-3:]) - mean(rewards[:3])
                         if len(rewards) >= 2 else None),
         "reward_step_spread": mean([abs(b - a) for a, b in zip(rewards, rewards[1:])]),
@@ -275,7 +279,9 @@ def plot(payload: dict[str, Any], path: Path) -> None:
 
 SUMMARY_COLUMNS = (("steps", "steps"), ("clip_rate", "clip"), ("kl", "KL"),
                    ("mismatch_kl", "mismatch KL"), ("static_mismatch_kl", "step 0"),
-                   ("mismatch_ratio_max", "worst/step 0"), ("entropy", "entropy"),
+                   ("mismatch_ratio_max", "worst/step 0"),
+                   ("single_version_ratio_max", "worst/step 0, 1-version KV"),
+                   ("entropy", "entropy"),
                    ("reward_gain", "reward gain"), ("reward_step_spread", "reward spread"),
                    ("lag_mean", "lag"), ("spanning_sequences", "spanning"),
                    ("stale_prefix_tokens", "stale-prefix tok"))

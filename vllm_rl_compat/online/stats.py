@@ -18,6 +18,13 @@ version ``v`` that sampled the token:
   request whose prompt KV (``prompt_weight_versions``) was already older than
   its first sampled token (a prefix-cache hit on KV of older weights); the
   breakdowns split ``mismatch_kl`` by both.
+* ``mixed_kv`` tokens are those whose context KV (the prompt's, or an earlier
+  token's of the same sequence) was computed by an older version than the
+  token's own: stale-prefix tokens, and in keep mode every token sampled
+  after an update that found its request running. The rescoring recomputes
+  that context under the token's version, so their mismatch includes the KV
+  difference; ``mismatch_kl_single_version`` (every position of the context
+  computed by the sampling version) is the part the static report measures.
 
 Tokens with a non-finite trainer logprob (support mismatch) are counted and
 left out of the averages; tokens with no known version are counted as
@@ -55,6 +62,19 @@ class Sample:
         stale = old is not None and first is not None and old < first
         return [stale] * len(self.versions)
 
+    @property
+    def mixed_kv(self) -> list[bool]:
+        """Per token: was any KV it attended to computed by an older version
+        (the prompt's, or an earlier token's of this sequence)? Versions never
+        decrease along a sequence, so the oldest context is the prompt's or the
+        first token's."""
+        out, oldest = [], self.prompt_version
+        for v in self.versions:
+            if oldest is None or (v is not None and v < oldest):
+                oldest = v
+            out.append(v is not None and oldest is not None and oldest < v)
+        return out
+
 
 @dataclass
 class Scores:
@@ -81,6 +101,7 @@ def step_metrics(samples: Sequence[Sample], scores: Sequence[Scores], trainer_ve
     ent = np.array([x for s in scores for x in s.entropy], dtype=np.float64)
     versions = [v for s in samples for v in s.versions]
     stale = np.array([x for s in samples for x in s.stale_prefix], dtype=bool)
+    mixed = np.array([x for s in samples for x in s.mixed_kv], dtype=bool)
     rescored = np.array([math.nan if x is None else x for s in scores for x in s.rescored],
                         dtype=np.float64)
     if not (mu.size == pi.size == ent.size == len(versions) == rescored.size):
@@ -113,6 +134,9 @@ def step_metrics(samples: Sequence[Sample], scores: Sequence[Scores], trainer_ve
         "stale_prefix_tokens": int(stale.sum()),
         "mismatch_kl_stale_prefix": _k3(m[m_ok & stale]),
         "mismatch_kl_fresh_prefix": _k3(m[m_ok & ~stale]),
+        "mixed_kv_tokens": int(mixed.sum()),
+        "mismatch_kl_mixed_kv": _k3(m[m_ok & mixed]),
+        "mismatch_kl_single_version": _k3(m[m_ok & ~mixed]),
         "version_spanning_sequences": sum(len({v for v in s.versions}) > 1 for s in samples),
     }
     return out
