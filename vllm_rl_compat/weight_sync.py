@@ -7,8 +7,8 @@ The implementation lives in ``vllm_rl_compat.weights``; see
 """
 
 from vllm_rl_compat.weights.frontend.sync import AsyncWeightSync, WeightSync
-from vllm_rl_compat.weights.protocol.spec import WeightSyncCorruptedError, WeightUpdateError
 from vllm_rl_compat.weights.frontend.transaction import TransactionStateError
+from vllm_rl_compat.weights.protocol.spec import WeightSyncCorruptedError, WeightUpdateError
 from vllm_rl_compat.weights.protocol.versions import prompt_versions, token_versions
 
 __all__ = ["AsyncWeightSync", "TransactionStateError", "WeightSync",

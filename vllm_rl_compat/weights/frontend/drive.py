@@ -78,12 +78,14 @@ async def run_async(steps: Steps, port: Any, txn: Transaction) -> Any:
                 _watch_lease(txn, port)
 
 
-async def stop_async(txn: Transaction, port: Any, why: str) -> str | None:
+async def stop_async(txn: Transaction, port: Any, why: str,
+                     victim: str | None = None) -> str | None:
     """Abort the open update from outside its steps (``abort_weight_update``, an
     expired lease): mark it cancelled, so a step that waits (staging polls, an
     engine-core commit not yet applied) stops at its next safe point, then
-    take the lock and drop whatever is still open. Returns the id dropped."""
-    victim = txn.request_cancel(why)
+    take the lock and drop whatever is still open (``victim``: only that
+    update). Returns the id dropped."""
+    victim = txn.request_cancel(why, victim)
     if victim is None:
         return None
     if txn.commit_waiting:
@@ -112,7 +114,7 @@ def _watch_lease(txn: Transaction, port: Any) -> None:
                     await asyncio.wait_for(closed.wait(), left)
                 continue
             logger.warning("weight update %s aborted: %s", watched[:8], _lease_why(txn))
-            await stop_async(txn, port, _lease_why(txn))
+            await stop_async(txn, port, _lease_why(txn), watched)
             return
 
     asyncio.ensure_future(watch())

@@ -20,6 +20,13 @@ Errors are JSON ``{"error": ...}``: 400 for a rejected update (what state the
 model is in is in the message), 409 for a call out of order -- including
 ``/pause``, ``/resume`` and ``/update_weight_version`` while an update is open
 (the update is named) --, 500 otherwise.
+
+``/start_weight_update`` answers the update's id (``update_id``); a client
+that sends it back with ``/update_weights``, ``/finish_weight_update`` and
+``/abort_weight_update`` is refused (409, nothing done) when that update is
+no longer the open one: a request delivered after its client timed out,
+aborted and started again cannot land in the next update. vLLM's own client
+sends no id and gets the open update, as before.
 """
 
 # No ``from __future__ import annotations``: FastAPI reads the route
@@ -166,49 +173,57 @@ def _transaction_routes() -> dict[str, Callable[..., Awaitable[Any]]]:
             WeightTransferInitRequest(init_info=init_info)), "Weight transfer initialized")
 
     async def start(request: Request):
-        return await _answer(client(request).start_weight_update(), "Weight update started")
+        return await _answer(client(request).start_weight_update(), "Weight update started",
+                             key="update_id")
 
     async def update(request: Request,
-                     update_info: Annotated[WeightTransferUpdatePayload, Body(embed=True)]):
+                     update_info: Annotated[WeightTransferUpdatePayload, Body(embed=True)],
+                     update_id: Annotated[str | None, Body(embed=True)] = None):
         return await _answer(client(request).update_weights(
-            WeightTransferUpdateRequest(update_info=update_info)), "Weights updated")
+            WeightTransferUpdateRequest(update_info=update_info), update_id=update_id),
+            "Weights updated")
 
     async def finish(request: Request,
-                     weight_version: Annotated[str | None, Body(embed=True)] = None):
-        return await _answer(client(request).finish_weight_update(weight_version),
-                             "Weight update finished")
+                     weight_version: Annotated[str | None, Body(embed=True)] = None,
+                     update_id: Annotated[str | None, Body(embed=True)] = None):
+        return await _answer(client(request).finish_weight_update(
+            weight_version, update_id=update_id), "Weight update finished")
 
     async def shutdown(request: Request):
         return await _answer(client(request).shutdown_weight_transfer_engine(),
                              "Weight transfer shut down")
 
-    async def abort(request: Request):
+    async def abort(request: Request,
+                    update_id: Annotated[str | None, Body(embed=True)] = None):
         from vllm_rl_compat.weights.protocol.registry import is_ours
 
         transfer = getattr(client(request).vllm_config, "weight_transfer_config", None)
         staged = is_ours(getattr(transfer, "backend", None))
-        return await _answer(abort_weight_update_async(client(request)),
-                             lambda dropped: _aborted(dropped, staged))
+        return await _answer(abort_weight_update_async(client(request), update_id),
+                             lambda dropped: _aborted(dropped, staged, update_id))
 
     return {"/init_weight_transfer_engine": init, "/start_weight_update": start,
             "/update_weights": update, "/finish_weight_update": finish,
             "/shutdown_weight_transfer_engine": shutdown, "/abort_weight_update": abort}
 
 
-def _aborted(dropped: str | None, staged: bool) -> str:
+def _aborted(dropped: str | None, staged: bool, update_id: str | None = None) -> str:
     if dropped is None:
-        return "No weight update was open"
+        return ("No weight update was open" if update_id is None else
+                f"Weight update {update_id[:8]} is not open; nothing dropped")
     state = ("model unchanged" if staged else "the weight backend streams into the live "
              "weights: the model may hold part of it")
     return f"Weight update {dropped[:8]} aborted; {state}"
 
 
-async def _answer(call: Awaitable[Any], message: str | Callable[[Any], str]) -> Any:
-    """Run one engine call; JSON 200, or the error with its status."""
+async def _answer(call: Awaitable[Any], message: str | Callable[[Any], str],
+                  key: str | None = None) -> Any:
+    """Run one engine call; JSON 200 (``key``: the call's result under that
+    name too), or the error with its status."""
     from fastapi.responses import JSONResponse
 
-    from vllm_rl_compat.weights.protocol.spec import WeightUpdateError
     from vllm_rl_compat.weights.frontend.transaction import TransactionStateError
+    from vllm_rl_compat.weights.protocol.spec import WeightUpdateError
 
     try:
         result = await call
@@ -219,7 +234,8 @@ async def _answer(call: Awaitable[Any], message: str | Callable[[Any], str]) -> 
     except Exception as exc:  # noqa: BLE001 - reported to the caller, logged here
         logger.exception("RL route failed")
         return JSONResponse({"error": f"{type(exc).__name__}: {exc}"}, status_code=500)
-    return JSONResponse({"message": message(result) if callable(message) else message})
+    body = {"message": message(result) if callable(message) else message}
+    return JSONResponse({**body, key: result} if key else body)
 
 
 def install() -> None:

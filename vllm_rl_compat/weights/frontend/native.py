@@ -79,9 +79,10 @@ _STEPS: dict[str, Callable[..., Any]] = {
     "init_weight_transfer_engine": lambda t, request: t.init(_field(request, "init_info")),
     "shutdown_weight_transfer_engine": lambda t: t.shutdown(),
     "start_weight_update": lambda t: t.start(staging_options(t.vllm_config)),
-    "update_weights": lambda t, request: t.update(_field(request, "update_info")),
-    "finish_weight_update": lambda t, weight_version=None: t.finish(weight_version,
-                                                                   _allow_fast()),
+    "update_weights": lambda t, request, update_id=None: t.update(
+        _field(request, "update_info"), update_id),
+    "finish_weight_update": lambda t, weight_version=None, update_id=None: t.finish(
+        weight_version, _allow_fast(), update_id),
 }
 
 
@@ -145,20 +146,22 @@ def install() -> None:
 ABORTED = "aborted by abort_weight_update"
 
 
-def abort_weight_update(llm: Any) -> str | None:
+def abort_weight_update(llm: Any, update_id: str | None = None) -> str | None:
     """Drop an open update of an offline ``LLM`` (e.g. its trainer died);
-    returns its id, or ``None`` when none was open."""
+    returns its id, or ``None`` when none was open (``update_id``: drop only
+    that update)."""
     txn = transaction_of(llm, llm.llm_engine.vllm_config)
     if txn is None or not txn.is_open:
         return None
-    return run(txn.abort(why=ABORTED), LLMPort(llm), txn)
+    return run(txn.abort(victim=update_id, why=ABORTED), LLMPort(llm), txn)
 
 
-async def abort_weight_update_async(engine: Any) -> str | None:
+async def abort_weight_update_async(engine: Any, update_id: str | None = None) -> str | None:
     """Drop an open update of an ``AsyncLLM`` (the HTTP route calls this),
     even one whose step is still waiting (a staging poll, a commit not yet
-    applied: they stop, nothing applied); returns its id, or ``None``."""
+    applied: they stop, nothing applied); returns its id, or ``None``
+    (``update_id``: drop only that update, ``None`` if another is open)."""
     txn = transaction_of(engine, engine.vllm_config)
     if txn is None:
         return None
-    return await stop_async(txn, AsyncLLMPort(engine), ABORTED)
+    return await stop_async(txn, AsyncLLMPort(engine), ABORTED, update_id)

@@ -31,16 +31,17 @@ import threading
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-from vllm_rl_compat.weights.protocol.broadcast import DEFAULT_TIMEOUT, engine_layout
+from vllm_rl_compat.weights.frontend.drive import AsyncLLMPort, run_async
 from vllm_rl_compat.weights.frontend.native import (
     abort_weight_update,
     abort_weight_update_async,
     staging_options,
     transaction_of,
 )
+from vllm_rl_compat.weights.frontend.transaction import TransactionStateError
+from vllm_rl_compat.weights.protocol.broadcast import DEFAULT_TIMEOUT, engine_layout
 from vllm_rl_compat.weights.protocol.registry import BACKENDS
 from vllm_rl_compat.weights.protocol.shm import remove_shm, write_shm
-from vllm_rl_compat.weights.frontend.drive import AsyncLLMPort, run_async
 from vllm_rl_compat.weights.protocol.spec import WeightSpec, as_named_tensors
 
 
@@ -168,14 +169,23 @@ class WeightSync(_Common):
 
     def _update(self, update_info: dict[str, Any]) -> int:
         with self._lock:
+            uid = None
             try:
-                self.llm.start_weight_update()
-                self.llm.update_weights({"update_info": update_info})
-                self.llm.finish_weight_update()
-            except BaseException:  # e.g. KeyboardInterrupt between two calls
-                abort_weight_update(self.llm)
+                uid = self.llm.start_weight_update()
+                self.llm.update_weights({"update_info": update_info}, update_id=uid)
+                self.llm.finish_weight_update(update_id=uid)
+            except BaseException as exc:  # e.g. KeyboardInterrupt between two calls
+                if _ours_to_abort(uid, exc):
+                    abort_weight_update(self.llm, uid)
                 raise
             return self.version
+
+
+def _ours_to_abort(uid: str | None, exc: BaseException) -> bool:
+    """After a failed update: abort ours (by id), or, if the start never
+    answered, whatever is open -- unless the start was refused because
+    another caller's update is open, which is not ours to drop."""
+    return uid is not None or not isinstance(exc, TransactionStateError)
 
 
 class AsyncWeightSync(_Common):
@@ -240,6 +250,7 @@ class AsyncWeightSync(_Common):
         from vllm.distributed.weight_transfer.base import WeightTransferUpdateRequest
 
         async with self._lock:
+            uid = None
             try:
                 staging = staging_options(self.engine.vllm_config)
                 port = AsyncLLMPort(self.engine)
@@ -248,10 +259,12 @@ class AsyncWeightSync(_Common):
                                                           staging["allow_fast"]), port,
                                     self._txn)
                     return self.version
-                await self.engine.start_weight_update()
-                await self.engine.update_weights(WeightTransferUpdateRequest(update_info))
-                await self.engine.finish_weight_update()
-            except BaseException:  # e.g. the task was cancelled between two calls
-                await abort_weight_update_async(self.engine)
+                uid = await self.engine.start_weight_update()
+                await self.engine.update_weights(WeightTransferUpdateRequest(update_info),
+                                                 update_id=uid)
+                await self.engine.finish_weight_update(update_id=uid)
+            except BaseException as exc:  # e.g. the task was cancelled between two calls
+                if _ours_to_abort(uid, exc):
+                    await abort_weight_update_async(self.engine, uid)
                 raise
             return self.version

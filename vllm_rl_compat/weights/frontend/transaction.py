@@ -138,11 +138,13 @@ class Transaction:
     def idle_seconds(self) -> float:
         return time.monotonic() - self.last_progress
 
-    def request_cancel(self, why: str) -> str | None:
+    def request_cancel(self, why: str, victim: str | None = None) -> str | None:
         """Mark the open update to stop at its next safe point (before anything
-        is applied); returns its id, or ``None`` when none is open."""
-        if self.open_id is not None:
-            self.cancelled = (self.open_id, why)
+        is applied); returns its id, or ``None`` when none is open (``victim``:
+        or when the open one is not that one)."""
+        if self.open_id is None or (victim is not None and victim != self.open_id):
+            return None
+        self.cancelled = (self.open_id, why)
         return self.open_id
 
     # ------------------------------------------------------------- steps
@@ -160,7 +162,8 @@ class Transaction:
     def start(self, staging: dict[str, Any] | None = None) -> Steps:
         """``staging``: ``{"staging": auto|overlapped|in_pause, "max_gib", "keep",
         "allow_fast", "copy_plan"}`` (``native.staging_options``); ``None``: in
-        the pause."""
+        the pause. Returns the update's id: a caller that passes it to the
+        later steps (``update_id``) cannot reach another update with them."""
         staging = staging or {"staging": "in_pause"}
         txn = self._open("start_weight_update")
         try:
@@ -188,6 +191,7 @@ class Transaction:
             yield from self._close(txn, abort=True)
             raise self._rejected(exc) from exc
         self.may_pause = may_pause
+        return txn
 
     def _started(self, results: Any) -> None:
         """Read every worker's staging decision and size the update's lease."""
@@ -228,8 +232,8 @@ class Transaction:
             outcome = failed
         return (yield from self._commit(txn, outcome))
 
-    def update(self, update_info: Any) -> Steps:
-        txn = self._require_open("update_weights")
+    def update(self, update_info: Any, update_id: str | None = None) -> Steps:
+        txn = self._require_open("update_weights", update_id)
         self.chunks += 1
         try:
             self._check_cancel(txn)
@@ -239,9 +243,10 @@ class Transaction:
             yield from self._close(txn, abort=True)
             raise self._rejected(exc) from exc
 
-    def finish(self, weight_version: str | None, allow_fast: bool) -> Steps:
+    def finish(self, weight_version: str | None, allow_fast: bool,
+               update_id: str | None = None) -> Steps:
         """Check every worker, then apply; returns the new version."""
-        txn = self._require_open("finish_weight_update")
+        txn = self._require_open("finish_weight_update", update_id)
         label = str(self.version + 1) if weight_version is None else str(weight_version)
         if self.overlapped and self.at_boundary:
             try:
@@ -394,12 +399,20 @@ class Transaction:
         while self.on_close:
             self.on_close.pop()()
 
-    def _require_open(self, call: str) -> str:
+    def _require_open(self, call: str, update_id: str | None = None) -> str:
+        """The open update's id; refused when none is open, or (``update_id``
+        given) when the open one is another: a step sent for an update that
+        was aborted or expired (a client that timed out, then started again)
+        must not land in the next one."""
         if self.open_id is None:
             last = "" if self.ended is None else (
                 f"; the last one, {self.ended[0][:8]}, was stopped: {self.ended[1]}")
             raise TransactionStateError(f"{call}: no weight update is in progress "
                                         f"(call start_weight_update first){last}")
+        if update_id is not None and update_id != self.open_id:
+            raise TransactionStateError(
+                f"{call}: weight update {str(update_id)[:8]} is not the open one "
+                f"({self.open_id[:8]} is); it was aborted or expired, nothing done")
         return self.open_id
 
     def require_closed(self, call: str) -> None:

@@ -44,7 +44,6 @@ from vllm_rl_compat.weights.protocol.broadcast import (
 )
 
 
-
 def source_pairs(source: Any) -> list[tuple[str, Any]]:
     """The (name, tensor) pairs of a ``WeightSource``: vLLM 0.32 iterates the
     source itself; later releases name the full iteration ``iter_full``."""

@@ -233,8 +233,8 @@ class RLCompatWeightTransferEngine(
         it and later ones replay that (``weights.copy_plan``). With ``keep``,
         the stage is kept after the swap and the next update loads into it;
         without, a kept one is freed."""
-        from vllm_rl_compat.weights.worker import staging
         from vllm_rl_compat.weights.protocol.spec import WeightUpdateError
+        from vllm_rl_compat.weights.worker import staging
 
         reason = None if plan is not None else (
             "it is built for unquantized models on the CPU platform (the fast CPU apply's "

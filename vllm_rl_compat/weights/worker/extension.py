@@ -407,7 +407,6 @@ def _copy_exact(model: Any, spec: Any, exact: list[tuple[str, Any]]) -> None:
     if not exact:
         return
     import torch
-
     from vllm.model_executor.model_loader.weight_utils import default_weight_loader
 
     params = dict(model.named_parameters())
