@@ -30,8 +30,8 @@ def main() -> None:
     from safetensors.torch import load_file
     from vllm.distributed.weight_transfer.factory import WeightTransferTrainerFactory
 
-    from vllm_rl_compat.weights.trainer.client import TokenHTTPClient
     from vllm_rl_compat.weights.protocol.spec import safetensors_files
+    from vllm_rl_compat.weights.trainer.client import TokenHTTPClient
     from vllm_rl_compat.weights.trainer.senders import RLCompatGlooTrainerInitInfo
 
     state = {}

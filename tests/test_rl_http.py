@@ -331,3 +331,199 @@ def test_completions_carry_weight_versions(servers) -> None:
     _assert_spans_cover(resp["choices"][0]["prompt_weight_versions"], prompt_len, label)
     _assert_spans_cover(finals[0]["prompt_weight_versions"], prompt_len, label)
     assert all("prompt_weight_versions" not in c for c in choices[:-1]), choices
+
+
+# --- two clients, random interleavings and races, checked against a model ----
+
+State = tuple  # (live weights "a"/"b", version, open, staged chunk or None, paused)
+
+
+def _serial(state: State, action: tuple[str, str]) -> tuple[tuple[int, str], State]:
+    """What one call must answer (status, a substring of its message) and the
+    state after it, when it runs alone: the model the server must match."""
+    live, ver, is_open, chunk, paused = state
+    kind, arg = action
+    closed = (live, ver, False, None, paused)
+    if kind == "abort":
+        return ((200, "aborted; model unchanged") if is_open
+                else (200, "No weight update was open")), closed
+    if kind == "start":
+        return ((409, "in progress"), state) if is_open else ((200, ""), (*state[:2], True,
+                                                                          None, paused))
+    if not is_open:
+        return (409, "no weight update is in progress"), state
+    if kind == "update":
+        if arg == "bad":
+            return (400, "got shape [3]"), closed
+        if chunk is not None:  # every name a second time
+            return (400, "model unchanged"), closed
+        return (200, ""), (live, ver, True, arg, paused)
+    if chunk is None:  # finish with nothing sent
+        return (400, "model unchanged"), closed
+    return (200, ""), (chunk, ver + 1, False, None, paused)
+
+
+def _race_outcomes(state: State, first: tuple[str, str], second: tuple[str, str]
+                   ) -> list[tuple[tuple[tuple[int, str], tuple[int, str]], State]]:
+    """Every answer pair two concurrent calls may give, with the state each
+    leaves: either serial order, or (an abort racing a step that waits) the
+    step stopped by the abort, which says so, with the model unchanged."""
+    out = []
+    for a, b, flip in ((first, second, False), (second, first, True)):
+        ans_a, mid = _serial(state, a)
+        ans_b, end = _serial(mid, b)
+        out.append((((ans_b, ans_a) if flip else (ans_a, ans_b)), end))
+    live, ver, is_open, _, paused = state
+    kinds = {first[0], second[0]}
+    if is_open and "abort" in kinds and kinds & {"update", "finish"}:
+        stopped, aborted = (400, "stopped: aborted by its caller"), (200, "aborted")
+        pair = (stopped, aborted) if first[0] != "abort" else (aborted, stopped)
+        out.append((pair, (live, ver, False, None, paused)))
+    return out
+
+
+def _answer(status: int, body: Any) -> tuple[int, str]:
+    body = body if isinstance(body, dict) else {}
+    return status, str(body.get("error") or body.get("message") or "")
+
+
+def _matches(got: tuple[int, str], want: tuple[int, str]) -> bool:
+    return got[0] == want[0] and want[1] in got[1]
+
+
+def test_two_clients_model_based_over_http(servers, tmp_path_factory) -> None:
+    """Two clients fire random sequences of start / update (A, B or a bad
+    tensor) / finish / abort / pause / resume / version label / generate over
+    the RL routes, and races: two control calls sent at once from the two
+    clients. After every step, against a model: each answer is the model's
+    (for a race, one of its serial orders, or a waiting step stopped by an
+    abort that says so); served logprobs are exactly the last committed
+    weights'; ``/weight_info`` names that commit; ``/is_paused`` is the
+    callers' pause and nothing else. A step that carries the id of an ended
+    update (a request delivered after its client timed out, aborted and
+    started again) is refused and leaves the open update alone. Bounded and derandomised (6 sequences of
+    up to 10 steps; a failing one is printed as the steps to replay)."""
+    import threading
+
+    from hypothesis import HealthCheck, settings
+    from hypothesis import strategies as st
+    from hypothesis.stateful import RuleBasedStateMachine, invariant, rule, run_state_machine_as_test
+    from safetensors.torch import load_file, save_file
+
+    port = servers["rl"]
+    bad = tmp_path_factory.mktemp("bad-http")
+    state = load_file(str(Path(servers["dir_b"]) / "model.safetensors"))
+    state["model.norm.weight"] = state["model.norm.weight"][:3].clone()
+    save_file(state, str(bad / "model.safetensors"))
+    paths = {"a": servers["dir_a"], "b": servers["dir_b"], "bad": str(bad)}
+
+    def send(action: tuple[str, str], update_id: str | None = None) -> tuple[int, str]:
+        kind, arg = action
+        body = ({"update_info": {"source": "files", "path": paths[arg]}}
+                if kind == "update" else {})
+        if update_id is not None:
+            body["update_id"] = update_id
+        status, answer = call(port, "POST", f"/{kind}_weight_update" if kind != "update"
+                              else "/update_weights", body)
+        if kind == "start" and status == 200:
+            started.append(answer["update_id"])
+        return _answer(status, answer)
+
+    def load(which: str) -> None:
+        for action in (("start", ""), ("update", which), ("finish", "")):
+            assert send(action)[0] == 200, action
+
+    started: list[str] = []  # ids /start_weight_update answered
+    load("b")
+    refs = {"b": forced_logprobs(port)}
+    load("a")
+    refs["a"] = forced_logprobs(port)
+    steps = (st.sampled_from(["start", "finish", "abort"]).map(lambda k: (k, ""))
+             | st.sampled_from(["a", "b", "bad"]).map(lambda w: ("update", w)))
+
+    class TwoClients(RuleBasedStateMachine):
+        def __init__(self) -> None:
+            super().__init__()
+            self.state: State = ("a", int(version(port)), False, None, False)
+
+        @rule(action=steps)
+        def one_call(self, action: tuple[str, str]) -> None:
+            want, after = _serial(self.state, action)
+            got = send(action)
+            assert _matches(got, want), (action, got, want, self.state)
+            self.state = after
+
+        @rule(first=steps, second=steps)
+        def race(self, first: tuple[str, str], second: tuple[str, str]) -> None:
+            barrier, got = threading.Barrier(2), [None, None]
+
+            def client(i: int, action: tuple[str, str]) -> None:
+                barrier.wait()
+                got[i] = send(action)
+
+            threads = [threading.Thread(target=client, args=(i, a))
+                       for i, a in enumerate((first, second))]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(300)
+            options = _race_outcomes(self.state, first, second)
+            fits = [end for (wa, wb), end in options
+                    if _matches(got[0], wa) and _matches(got[1], wb)]
+            assert fits, (first, second, got, options)
+            if len(set(fits)) > 1 and not self.state[4]:  # the answers leave it open:
+                served = forced_logprobs(port)  # which weights serve tells
+                fits = [end for end in fits if refs[end[0]] == served]
+            assert len(set(fits)) == 1, (first, second, got, fits)
+            self.state = fits[0]
+
+        @rule(kind=st.sampled_from(["update", "finish", "abort"]))
+        def late_step_of_an_ended_update(self, kind: str) -> None:
+            """A step carrying the id of an update that has ended (its client
+            timed out, aborted and started again, and the request arrives
+            now): refused, nothing done, whatever is open now untouched."""
+            live, ver, is_open, chunk, paused = self.state
+            old = next(i for i in reversed(started) if not (is_open and i == started[-1]))
+            status, text = send((kind, "b"), update_id=old)
+            if kind == "abort":
+                assert (status, text) == (200, f"Weight update {old[:8]} is not open; "
+                                               f"nothing dropped"), text
+            elif is_open:
+                assert status == 409 and "is not the open one" in text, text
+            else:
+                assert status == 409 and "no weight update is in progress" in text, text
+
+        @rule()
+        def pause_or_resume(self) -> None:
+            live, ver, is_open, chunk, paused = self.state
+            status, body = call(port, "POST", "/resume" if paused else "/pause")
+            if is_open:
+                assert status == 409 and "in progress" in body["error"], body
+            else:
+                assert status == 200, body
+                self.state = (live, ver, is_open, chunk, not paused)
+
+        @rule()
+        def relabel(self) -> None:
+            status, body = call(port, "POST", "/update_weight_version",
+                                {"new_version": str(self.state[1])})
+            assert status == (409 if self.state[2] else 200), body
+
+        @invariant()
+        def holds(self) -> None:
+            live, ver, is_open, _, paused = self.state
+            assert call(port, "GET", "/is_paused")[1] == {"is_paused": paused}
+            assert version(port) == str(ver)
+            if not paused:
+                assert forced_logprobs(port) == refs[live]
+
+        def teardown(self) -> None:
+            call(port, "POST", "/abort_weight_update")
+            if self.state[4]:
+                call(port, "POST", "/resume")
+            if self.state[0] != "a":
+                load("a")
+
+    run_state_machine_as_test(TwoClients, settings=settings(
+        max_examples=6, stateful_step_count=10, deadline=None, derandomize=True,
+        database=None, suppress_health_check=list(HealthCheck)))

@@ -32,8 +32,8 @@ from typing import Any, Callable, Iterator
 
 import pytest
 
-from vllm_rl_compat.weights.protocol.spec import WeightUpdateError
 from vllm_rl_compat.weights.frontend.transaction import TransactionStateError
+from vllm_rl_compat.weights.protocol.spec import WeightUpdateError
 
 pytestmark = pytest.mark.engine
 
@@ -404,9 +404,13 @@ def test_model_based_interleavings(rig, tmp_path_factory):
     every run; a failing one is printed as the steps to replay)."""
     from hypothesis import HealthCheck, settings
     from hypothesis import strategies as st
-    from hypothesis.stateful import RuleBasedStateMachine, invariant, rule, run_state_machine_as_test
+    from hypothesis.stateful import (
+        RuleBasedStateMachine,
+        invariant,
+        rule,
+        run_state_machine_as_test,
+    )
     from safetensors.torch import load_file, save_file
-
     from vllm.distributed.weight_transfer.base import WeightTransferUpdateRequest
 
     from vllm_rl_compat.weights.frontend.native import abort_weight_update_async
