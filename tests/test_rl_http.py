@@ -15,6 +15,8 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
+import threading
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -353,10 +355,10 @@ def _serial(state: State, action: tuple[str, str]) -> tuple[tuple[int, str], Sta
     if not is_open:
         return (409, "no weight update is in progress"), state
     if kind == "update":
+        if chunk is not None:  # every name a second time: refused before its shapes
+            return (400, "model unchanged"), closed
         if arg == "bad":
             return (400, "got shape [3]"), closed
-        if chunk is not None:  # every name a second time
-            return (400, "model unchanged"), closed
         return (200, ""), (live, ver, True, arg, paused)
     if chunk is None:  # finish with nothing sent
         return (400, "model unchanged"), closed
@@ -376,7 +378,7 @@ def _race_outcomes(state: State, first: tuple[str, str], second: tuple[str, str]
     live, ver, is_open, _, paused = state
     kinds = {first[0], second[0]}
     if is_open and "abort" in kinds and kinds & {"update", "finish"}:
-        stopped, aborted = (400, "stopped: aborted by its caller"), (200, "aborted")
+        stopped, aborted = (400, "aborted by abort_weight_update"), (200, "aborted")
         pair = (stopped, aborted) if first[0] != "abort" else (aborted, stopped)
         out.append((pair, (live, ver, False, None, paused)))
     return out
@@ -391,19 +393,48 @@ def _matches(got: tuple[int, str], want: tuple[int, str]) -> bool:
     return got[0] == want[0] and want[1] in got[1]
 
 
+def _open_writer(fifo: Path) -> int | None:
+    """The write end of ``fifo`` once a reader has opened it (a non-blocking
+    open for writing succeeds only then), else ``None``."""
+    try:
+        return os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+    except OSError:
+        return None
+
+
+def _until(what: Any, timeout: float = 120.0) -> Any:
+    """Poll a condition the server reports until it holds (the bound only
+    turns a hang into a failure); returns its value."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not (value := what()):
+        assert time.monotonic() < deadline, "condition not reached"
+        time.sleep(0.01)
+    return value
+
+
+def _header_bytes(file: Path) -> bytes:
+    raw = file.read_bytes()
+    return raw[:8 + int.from_bytes(raw[:8], "little")]
+
+
 def test_two_clients_model_based_over_http(servers, tmp_path_factory) -> None:
     """Two clients fire random sequences of start / update (A, B or a bad
-    tensor) / finish / abort / pause / resume / version label / generate over
+    tensor) / finish / abort / pause / resume / version label over
     the RL routes, and races: two control calls sent at once from the two
     clients. After every step, against a model: each answer is the model's
     (for a race, one of its serial orders, or a waiting step stopped by an
     abort that says so); served logprobs are exactly the last committed
     weights'; ``/weight_info`` names that commit; ``/is_paused`` is the
-    callers' pause and nothing else. A step that carries the id of an ended
+    callers' pause and nothing else. A race first brings the update to a
+    state worth racing in (as is, open, open with A sent). A step that carries the id of an ended
     update (a request delivered after its client timed out, aborted and
-    started again) is refused and leaves the open update alone. Bounded and derandomised (6 sequences of
+    started again) is refused and leaves the open update alone. Sender
+    faults: a sender that stalls (an abort ends the waiting update; the next
+    one stages only after the stalled read stops) or dies mid-header (the
+    update fails by itself, model unchanged). Bounded and derandomised (8 sequences of
     up to 10 steps; a failing one is printed as the steps to replay)."""
-    import threading
 
     from hypothesis import HealthCheck, settings
     from hypothesis import strategies as st
@@ -453,8 +484,15 @@ def test_two_clients_model_based_over_http(servers, tmp_path_factory) -> None:
             assert _matches(got, want), (action, got, want, self.state)
             self.state = after
 
-        @rule(first=steps, second=steps)
-        def race(self, first: tuple[str, str], second: tuple[str, str]) -> None:
+        @rule(prep=st.sampled_from(["as is", "open", "open, A sent"]), first=steps,
+              second=steps)
+        def race(self, prep: str, first: tuple[str, str], second: tuple[str, str]) -> None:
+            if self.state[4]:  # paused by a caller: resume first (checked)
+                self.pause_or_resume()
+            if prep != "as is" and not self.state[2]:
+                self.one_call(("start", ""))
+            if prep == "open, A sent" and self.state[2] and self.state[3] is None:
+                self.one_call(("update", "a"))
             barrier, got = threading.Barrier(2), [None, None]
 
             def client(i: int, action: tuple[str, str]) -> None:
@@ -493,6 +531,59 @@ def test_two_clients_model_based_over_http(servers, tmp_path_factory) -> None:
             else:
                 assert status == 409 and "no weight update is in progress" in text, text
 
+        @rule(kind=st.sampled_from(["stalled", "killed"]))
+        def sender_fault(self, kind: str) -> None:
+            """The update's bytes come from a sender that connects and then
+            stalls (a client's abort must end the waiting update, and the next
+            update may stage only once the stalled read is over) or dies halfway
+            through the header (the update fails by itself, model unchanged).
+            The sender is a FIFO the staging thread reads."""
+            live, ver, is_open, _, paused = self.state
+            if is_open or paused:
+                return
+            fifo_dir = Path(tempfile.mkdtemp(dir=bad))
+            fifo = fifo_dir / "model.safetensors"
+            os.mkfifo(fifo)
+            assert send(("start", ""))[0] == 200
+            uid, answer = started[-1], []
+            paths["fifo"] = str(fifo_dir)
+            waiting = threading.Thread(target=lambda: answer.append(
+                send(("update", "fifo"), update_id=uid)))
+            waiting.start()
+            writer = _until(lambda: _open_writer(fifo))  # the staging thread reads it
+            try:
+                if kind == "killed":  # mid-header: the first read of the file
+                    header = _header_bytes(Path(paths["b"]) / "model.safetensors")
+                    os.write(writer, header[:len(header) // 2])
+                    os.close(writer)
+                    writer = None
+                    waiting.join(300)
+                    assert answer and answer[0][0] == 400, answer
+                    assert "header cut short" in answer[0][1], answer
+                    assert "model unchanged" in answer[0][1], answer
+                else:
+                    assert answer == []  # still waiting on the sender
+                    assert send(("abort", "")) == (200, f"Weight update {uid[:8]} "
+                                                        f"aborted; model unchanged")
+                    waiting.join(300)  # ended before the abort answered
+                    assert answer[0][0] == 400 and "aborted by abort_weight_update" in answer[0][1], answer
+                    os.write(writer, _header_bytes(Path(paths["b"]) / "model.safetensors"))
+            finally:
+                if writer is not None:
+                    os.close(writer)
+            _until(lambda: self.idle())  # the aborted read has stopped
+            self.state = (live, ver, False, None, paused)
+
+        def idle(self) -> bool:
+            """Whether a new update may stage: a start succeeds (then dropped)
+            instead of being refused while an aborted read still runs."""
+            status, text = send(("start", ""))
+            if status == 200:
+                assert send(("abort", ""))[0] == 200
+                return True
+            assert status == 400 and "still runs an aborted update" in text, text
+            return False
+
         @rule()
         def pause_or_resume(self) -> None:
             live, ver, is_open, chunk, paused = self.state
@@ -525,5 +616,5 @@ def test_two_clients_model_based_over_http(servers, tmp_path_factory) -> None:
                 load("a")
 
     run_state_machine_as_test(TwoClients, settings=settings(
-        max_examples=6, stateful_step_count=10, deadline=None, derandomize=True,
+        max_examples=8, stateful_step_count=10, deadline=None, derandomize=True,
         database=None, suppress_health_check=list(HealthCheck)))

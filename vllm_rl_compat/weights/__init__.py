@@ -30,8 +30,10 @@ Events and who may fire them (every step under the engine's one lock,
 ``Transaction.step_lock`` / ``async_lock``):
 
 * caller (vLLM's RL calls, ``WeightSync``, the HTTP routes): ``start``
-  (closed -> open; the workers answer whether they stage overlapped, and if
-  the ranks disagree the front end sends ``in_pause`` so none does),
+  (closed -> open, returns the update's id; the workers answer whether they
+  stage overlapped, and if the ranks disagree the front end sends
+  ``in_pause`` so none does; a caller that passes the id back with the later
+  steps, ``update_id=``, is refused when it is no longer the open update),
   ``update:N`` (open), ``finish`` (open -> committing / applying -> closed,
   version + 1), ``abort`` (open -> closed: staging dropped, our pause
   released; a step still waiting stops first: ``Transaction.cancelled``).
